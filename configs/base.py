@@ -1,0 +1,82 @@
+"""Sections every stage config shares; each stage's `get_config` starts from `base_config()`.
+
+Sections mirror packages: model, data, objective, optimizer, mesh, checkpoint, train.
+All durations are in optimizer steps.
+"""
+
+import ml_collections
+
+from configs.models import model_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.stage = ""
+  config.seed = 0
+  # Path of an earlier stage's workdir or checkpoint to take params from ('' = random init).
+  config.init_from = ""
+  config.model = model_config("tiny")
+
+  config.data = ml_collections.ConfigDict(dict(
+      # 'tiny_world': embedded generated corpus; 'files': local .jsonl/.txt globs; 'tfds': a
+      # prepared tfds dataset read by random access (array_record).
+      source="tiny_world",
+      train_files="",          # comma-separated globs (source='files')
+      eval_files="",
+      text_field="text",       # JSONL field holding raw text
+      txt_blocks=False,        # .txt: one document per blank-line-separated block, not per line
+      tfds_name="",            # source='tfds': name (and optional version) of a prepared dataset
+      tfds_data_dir="",
+      train_split="train",
+      eval_split="validation",
+      tokenizer="",            # path of a sentencepiece .model; '' trains one into the workdir
+      tokenizer_vocab_size=512,
+      seq_len=128,
+      global_batch_size=16,
+      shuffle=True,
+      add_bos=True,
+      add_eos=True,
+      skip_invalid=False,      # skip (and count) malformed records instead of failing
+      worker_count=0,          # grain worker processes (0: in the main process)
+  ))
+
+  config.objective = ml_collections.ConfigDict(dict(name="clm", z_loss=0.0))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      lr=3e-4,
+      warmup_steps=100,
+      schedule="cosine",       # 'cosine' | 'linear' | 'constant' (after warmup)
+      end_lr_ratio=0.1,        # final lr as a fraction of the peak
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,        # decoupled; never applied to norms, biases
+      grad_clip=1.0,           # global-norm clipping (0: off)
+  ))
+
+  config.mesh = ml_collections.ConfigDict(dict(
+      # Axis sizes inside a slice (ICI); -1 fills with the remaining devices.
+      data=-1,
+      fsdp=1,
+      tensor=1,
+      # Axis sizes across slices (DCN); their product is the number of slices.
+      dcn_data=1,
+      dcn_fsdp=1,
+      dcn_tensor=1,
+      rules="fsdp_tp",         # logical-axis rule preset, see parallel/rules.py
+  ))
+
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=500,
+      max_to_keep=3,
+      async_save=True,
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      grad_accum_steps=1,      # micro-batches per optimizer step (same result as one big batch)
+      eval_every=500,
+      eval_steps=10,
+      log_every=10,
+  ))
+  return config

@@ -1,0 +1,56 @@
+"""Causal-LM pretraining.
+
+Run the tiny preset (embedded tiny-world data, trains its own tokenizer, CPU in minutes):
+
+  python -m scripts.train --config configs/pretrain.py:tiny --workdir runs/pretrain_tiny
+
+Other presets: `bench` (benchmark shape), `125m`, `1b`, `llama3_8b`. Any field can be overridden,
+e.g. `--config.optimizer.lr=3e-4 --config.data.train_files='corpus/*.jsonl'`; an unknown key is
+an error that names it.
+"""
+
+import ml_collections
+
+from configs import base
+from configs.models import model_config
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  config = base.base_config()
+  config.stage = "pretrain"
+  config.objective = ml_collections.ConfigDict(dict(name="clm", z_loss=0.0))
+  if arg == "tiny":
+    config.model = model_config("tiny")
+    config.data.source = "tiny_world"
+    config.data.tokenizer_vocab_size = config.model.vocab_size
+    config.data.seq_len = 128
+    config.data.global_batch_size = 16
+    config.train.steps = 600
+    config.train.eval_every = 100
+    config.train.eval_steps = 8
+    config.train.log_every = 20
+    config.checkpoint.every_steps = 200
+    config.optimizer.lr = 3e-3
+    config.optimizer.warmup_steps = 50
+  elif arg == "bench":
+    config.model = model_config("bench")
+    config.data.source = "tiny_world"
+    config.data.seq_len = 512
+    config.data.global_batch_size = 8
+    config.train.steps = 20
+  elif arg in ("125m", "1b", "llama3_8b"):
+    config.model = model_config(arg)
+    config.data.source = "files"
+    config.data.seq_len = {"125m": 1024, "1b": 2048, "llama3_8b": 8192}[arg]
+    config.data.global_batch_size = {"125m": 256, "1b": 512, "llama3_8b": 256}[arg]
+    config.train.steps = {"125m": 100_000, "1b": 200_000, "llama3_8b": 500_000}[arg]
+    config.train.eval_every = 1000
+    config.train.log_every = 10
+    config.checkpoint.every_steps = 1000
+    config.optimizer.warmup_steps = 2000
+    config.optimizer.lr = {"125m": 6e-4, "1b": 3e-4, "llama3_8b": 3e-4}[arg]
+    config.mesh.fsdp = -1
+    config.mesh.data = 1
+  else:
+    raise ValueError(f"unknown preset {arg!r}: tiny, bench, 125m, 1b, llama3_8b")
+  return config

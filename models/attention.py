@@ -1,0 +1,137 @@
+"""Multi-head / grouped-query self-attention over packed rows.
+
+Packing contract: `segment_ids [batch, length]` numbers the documents of a row 1, 2, ...; 0 is
+padding. A token attends to earlier-or-equal tokens of its own segment only; padding attends
+nowhere (its output is zero). `positions [batch, length]` restart at 0 in every segment and feed
+the rotary embedding, so a packed document is computed exactly as if it were alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from models.layers import apply_rope, dtype_of, param, rope_tables
+from parallel.rules import constrain
+
+# Large negative instead of -inf: a fully masked (padding) row then softmaxes to a finite
+# uniform distribution instead of NaN, and is zeroed afterwards.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def segment_mask(q_segments: jax.Array, kv_segments: jax.Array, *, causal: bool) -> jax.Array:
+  """Boolean mask `[batch, q_len, kv_len]`: same non-zero segment, and key index <= query index
+  when causal (query i of a length-L row is key slot i)."""
+  mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] > 0)
+  if causal:
+    q_len, kv_len = q_segments.shape[1], kv_segments.shape[1]
+    q_index = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+    mask = mask & (jnp.arange(kv_len)[None, :] <= q_index)[None]
+  return mask
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                    scale: float) -> jax.Array:
+  """Softmax attention with grouped KV heads.
+
+  Args:
+    q: `[batch, q_len, heads, head_dim]`.
+    k, v: `[batch, kv_len, kv_heads, head_dim]`; heads is a multiple of kv_heads.
+    mask: `[batch, q_len, kv_len]` boolean, True where attention is allowed.
+    scale: multiplier of the logits (1/sqrt(head_dim)).
+  Returns:
+    `[batch, q_len, heads, head_dim]` in q's dtype.
+  """
+  b, lq, h, d = q.shape
+  kh = k.shape[2]
+  q = q.reshape(b, lq, kh, h // kh, d)
+  logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+  return out.reshape(b, lq, h, d)
+
+
+def blockwise_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                               scale: float, block: int) -> jax.Array:
+  """Causal attention computed per query block against only the key blocks at or before it.
+
+  Same result as `dense_attention` with a causal mask, about half the work for long rows: query
+  block i never touches keys after block i. Shapes as in `dense_attention` (q_len == kv_len).
+  """
+  length = q.shape[1]
+  if length % block or length <= block:
+    return dense_attention(q, k, v, mask, scale)
+  outs = []
+  for start in range(0, length, block):
+    stop = start + block
+    outs.append(dense_attention(q[:, start:stop], k[:, :stop], v[:, :stop],
+                                mask[:, start:stop, :stop], scale))
+  return jnp.concatenate(outs, axis=1)
+
+
+class Attention(nnx.Module):
+  """Self-attention with optional grouped-query heads, QKV biases and rotary positions."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    d, h, kh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads
+    hd = cfg.head_dim or d // h
+    if h % kh:
+      raise ValueError(f"config.model: num_heads {h} is not a multiple of num_kv_heads {kh}")
+    self.num_heads, self.num_kv_heads, self.head_dim = h, kh, hd
+    self.dtype = dtype_of(cfg.dtype)
+    self.use_rope = cfg.position == "rope"
+    self.rope_theta = cfg.rope_theta
+    self.causal = True
+    self.impl = cfg.attention
+    self.block = cfg.attention_block
+    pdt = dtype_of(cfg.param_dtype)
+    init = nnx.initializers.normal(cfg.init_std)
+    out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    self.q = param(rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), pdt)
+    self.k = param(rngs, init, (d, kh, hd), ("embed", "kv_heads", "head_dim"), pdt)
+    self.v = param(rngs, init, (d, kh, hd), ("embed", "kv_heads", "head_dim"), pdt)
+    self.o = param(rngs, out_init, (h, hd, d), ("heads", "head_dim", "embed"), pdt)
+    self.qkv_bias, self.out_bias = cfg.qkv_bias, cfg.out_bias
+    zeros = nnx.initializers.zeros
+    if cfg.qkv_bias:
+      self.q_bias = param(rngs, zeros, (h, hd), ("heads", "head_dim"), pdt)
+      self.k_bias = param(rngs, zeros, (kh, hd), ("kv_heads", "head_dim"), pdt)
+      self.v_bias = param(rngs, zeros, (kh, hd), ("kv_heads", "head_dim"), pdt)
+    if cfg.out_bias:
+      self.o_bias = param(rngs, zeros, (d,), ("norm",), pdt)
+
+  def _project(self, x, kernel, bias, heads_axis):
+    y = jnp.einsum("bld,dhk->blhk", x, kernel[...].astype(self.dtype))
+    if bias is not None:
+      y = y + bias[...].astype(self.dtype)
+    return constrain(y, ("batch", "length", heads_axis, "act_head_dim"))
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """x `[batch, length, d_model]` -> `[batch, length, d_model]`."""
+    bias = lambda name: getattr(self, name) if self.qkv_bias else None
+    q = self._project(x, self.q, bias("q_bias"), "act_heads")
+    k = self._project(x, self.k, bias("k_bias"), "act_kv_heads")
+    v = self._project(x, self.v, bias("v_bias"), "act_kv_heads")
+    if self.use_rope:
+      cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    mask = segment_mask(segment_ids, segment_ids, causal=self.causal)
+    scale = 1.0 / math.sqrt(self.head_dim)
+    if self.impl == "blockwise" and self.causal:
+      out = blockwise_causal_attention(q, k, v, mask, scale, self.block)
+    elif self.impl in ("dense", "auto", "blockwise"):
+      out = dense_attention(q, k, v, mask, scale)
+    else:
+      raise ValueError(f"config.model.attention: unknown {self.impl!r} (auto | dense | blockwise)")
+    # Padding rows attend nowhere: zero them rather than keep the uniform average.
+    out = out * (segment_ids > 0)[:, :, None, None].astype(out.dtype)
+    out = constrain(out, ("batch", "length", "act_heads", "act_head_dim"))
+    y = jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(self.dtype))
+    if self.out_bias:
+      y = y + self.o_bias[...].astype(self.dtype)
+    return y

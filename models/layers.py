@@ -1,0 +1,121 @@
+"""Building blocks shared by the decoder and the encoder: norms, rotary positions, MLPs.
+
+Every parameter carries logical axis names (`sharding_names`) that parallel/rules.py maps onto
+the mesh. Params are stored in `param_dtype`; compute runs in `dtype`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from parallel.rules import constrain
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs, init, shape, names, param_dtype) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, param_dtype), out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 (Zhang & Sennrich, 2019)."""
+
+  def __init__(self, dim: int, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.eps = cfg.norm_eps
+    self.dtype = dtype_of(cfg.dtype)
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), dtype_of(cfg.param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """Standard LayerNorm with scale and bias, statistics in float32 (Ba et al., 2016)."""
+
+  def __init__(self, dim: int, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.eps = cfg.norm_eps
+    self.dtype = dtype_of(cfg.dtype)
+    pdt = dtype_of(cfg.param_dtype)
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), pdt)
+    self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("norm",), pdt)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def make_norm(dim: int, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+  if cfg.norm == "rmsnorm":
+    return RMSNorm(dim, cfg, rngs=rngs)
+  if cfg.norm == "layernorm":
+    return LayerNorm(dim, cfg, rngs=rngs)
+  raise ValueError(f"config.model.norm: unknown norm {cfg.norm!r} (rmsnorm | layernorm)")
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos/sin tables `[batch, length, head_dim // 2]` for rotary embeddings (Su et al., 2021)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates `x [batch, length, heads, head_dim]` in the half-split (LLaMA / HF) layout."""
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU (Shazeer, 2020): down(silu(gate x) * up x), or GELU: down(gelu(up x))."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.mlp_dim
+    pdt = dtype_of(cfg.param_dtype)
+    self.dtype = dtype_of(cfg.dtype)
+    self.activation = cfg.activation
+    if cfg.activation not in ("swiglu", "gelu"):
+      raise ValueError(f"config.model.activation: unknown {cfg.activation!r} (swiglu | gelu)")
+    init = nnx.initializers.normal(cfg.init_std)
+    # Output projections scaled by 1/sqrt(2 * layers) so the residual stream's variance does not
+    # grow with depth (GPT-2, Radford et al., 2019).
+    out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    if cfg.activation == "swiglu":
+      self.gate = param(rngs, init, (d, f), ("embed", "mlp"), pdt)
+    self.up = param(rngs, init, (d, f), ("embed", "mlp"), pdt)
+    self.down = param(rngs, out_init, (f, d), ("mlp", "embed"), pdt)
+    self.use_bias = cfg.mlp_bias
+    if cfg.mlp_bias:
+      if cfg.activation == "swiglu":
+        self.gate_bias = param(rngs, nnx.initializers.zeros, (f,), ("mlp",), pdt)
+      self.up_bias = param(rngs, nnx.initializers.zeros, (f,), ("mlp",), pdt)
+      self.down_bias = param(rngs, nnx.initializers.zeros, (d,), ("norm",), pdt)
+
+  def _dense(self, x, kernel, bias=None):
+    y = jnp.einsum("bld,df->blf", x, kernel[...].astype(self.dtype))
+    return y if bias is None else y + bias[...].astype(self.dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    bias = lambda name: getattr(self, name) if self.use_bias else None
+    up = self._dense(x, self.up, bias("up_bias"))
+    if self.activation == "swiglu":
+      hidden = jax.nn.silu(self._dense(x, self.gate, bias("gate_bias"))) * up
+    else:
+      hidden = jax.nn.gelu(up, approximate=True)
+    hidden = constrain(hidden, ("batch", "length", "act_mlp"))
+    return self._dense(hidden, self.down, bias("down_bias"))

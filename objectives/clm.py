@@ -1,0 +1,63 @@
+"""Causal language modelling: next-token cross-entropy over a loss mask.
+
+    nll_t    = log Z_t - logit_t[target_t],      log Z_t = logsumexp_v logit_t[v]
+    loss     = sum_t mask_t * (nll_t + z_loss * (log Z_t)^2) / sum_t mask_t
+
+The z-loss term keeps the softmax normaliser near 1 for stability at scale (PaLM, Chowdhery et
+al., 2022, sec. 5). Everything is computed in float32 whatever the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from objectives.reductions import Metrics, weighted_sum
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token negative log-likelihood and log-normaliser.
+
+  Args:
+    logits: `[..., vocab]` any float dtype.
+    targets: `[...]` int token ids.
+  Returns:
+    (nll `[...]`, log_z `[...]`), both float32.
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return log_z - target_logit, log_z
+
+
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log p(target) per token, float32 `[...]`."""
+  return -token_nll(logits, targets)[0]
+
+
+def clm_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array, *,
+             z_loss: float = 0.0) -> tuple[jax.Array, Metrics]:
+  """Next-token cross-entropy.
+
+  Args:
+    logits: `[batch, length, vocab]`; position t predicts targets[t].
+    targets: `[batch, length]` int.
+    loss_mask: `[batch, length]`, 1 where the target counts (0: padding, prompt, ...).
+    z_loss: coefficient of the (log Z)^2 penalty.
+  Returns:
+    per_token: `[batch, length]` float32 loss (nll + z-term), 0 where masked.
+    metrics: `(sum, weight)` pairs: `loss` (what is optimised), `nll`, `accuracy`
+      (argmax == target), `z_loss`; all weighted by the mask.
+  """
+  nll, log_z = token_nll(logits, targets)
+  z_term = z_loss * jnp.square(log_z)
+  mask = loss_mask.astype(jnp.float32)
+  per_token = jnp.where(mask > 0, nll + z_term, 0.0)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  metrics = {
+      "loss": weighted_sum(nll + z_term, mask),
+      "nll": weighted_sum(nll, mask),
+      "accuracy": weighted_sum(correct, mask),
+      "z_loss": weighted_sum(z_term, mask),
+  }
+  return per_token, metrics

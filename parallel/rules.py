@@ -1,0 +1,135 @@
+"""Logical axis names -> mesh axes.
+
+Parameters and key activations name their dimensions logically (`embed`, `mlp`, `heads`, ...);
+a rules table maps each logical name to zero or more mesh axes. Changing the parallelism is a
+config change (`config.mesh.rules` and the mesh shape), never a code change.
+
+A logical name with no rule is an error that names the parameter path or activation: nothing is
+ever replicated silently because it was renamed.
+
+Parameter names:  vocab, embed, mlp, heads, kv_heads, head_dim, layers (scanned stack),
+                  norm (1-D scales and biases), max_length (learned position table).
+Activation names: batch, length, act_embed, act_mlp, act_heads, act_kv_heads, act_head_dim,
+                  act_vocab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Mapping, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Mapping[str, tuple[str, ...]]
+
+_REPLICATED_PARAMS = dict(vocab=(), embed=(), mlp=(), heads=(), kv_heads=(), head_dim=(),
+                          layers=(), norm=(), max_length=())
+_REPLICATED_ACTS = dict(length=(), act_embed=(), act_mlp=(), act_heads=(), act_kv_heads=(),
+                        act_head_dim=(), act_vocab=())
+
+RULE_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
+    # Pure data parallelism: every device holds all params; the batch is split over all axes.
+    "dp": {**_REPLICATED_PARAMS, **_REPLICATED_ACTS, "batch": ("data", "fsdp", "tensor")},
+    # ZeRO-3 style: params and optimizer state sharded over `fsdp` along `embed`, gathered per
+    # layer in the forward pass; the batch is split over data and fsdp (and tensor, if any).
+    "fsdp": {**_REPLICATED_PARAMS, **_REPLICATED_ACTS, "embed": ("fsdp",),
+             "batch": ("data", "fsdp", "tensor")},
+    # FSDP over `fsdp` plus Megatron-style tensor parallelism over `tensor`: attention heads and
+    # the MLP hidden dimension are split, so each block needs one all-reduce per sub-layer.
+    "fsdp_tp": {**_REPLICATED_PARAMS, **_REPLICATED_ACTS,
+                "embed": ("fsdp",), "mlp": ("tensor",), "heads": ("tensor",),
+                "kv_heads": ("tensor",), "vocab": ("tensor",),
+                "act_mlp": ("tensor",), "act_heads": ("tensor",), "act_kv_heads": ("tensor",),
+                "act_vocab": ("tensor",), "batch": ("data", "fsdp")},
+}
+
+
+def get_rules(name: str) -> dict[str, tuple[str, ...]]:
+  if name not in RULE_PRESETS:
+    raise ValueError(f"unknown logical-axis rules {name!r}; choose one of {sorted(RULE_PRESETS)}")
+  return dict(RULE_PRESETS[name])
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules, *, what: str = "",
+                    shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
+  """Maps a tuple of logical axis names to a PartitionSpec.
+
+  Args:
+    names: one logical name (or None: not sharded) per array dimension.
+    rules: logical name -> tuple of mesh axes.
+    what: the parameter path or activation, named in errors.
+    shape: when given with `mesh`, each sharded dimension must divide evenly.
+    mesh: the mesh whose axis sizes are checked.
+  """
+  spec, used = [], set()
+  for dim, name in enumerate(names):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in rules:
+      raise KeyError(f"no sharding rule for logical axis {name!r} of {what or 'an array'} "
+                     f"(axes {tuple(names)}); add it to the rules in parallel/rules.py")
+    axes = tuple(a for a in rules[name] if mesh is None or mesh.shape[a] > 1)
+    if used.intersection(axes):
+      raise ValueError(f"{what}: mesh axes {axes} used twice in logical axes {tuple(names)}")
+    used.update(axes)
+    if shape is not None and mesh is not None and axes:
+      size = 1
+      for a in axes:
+        size *= mesh.shape[a]
+      if shape[dim] % size:
+        raise ValueError(f"{what}: dimension {dim} ({name!r}, size {shape[dim]}) does not divide "
+                         f"over mesh axes {axes} of total size {size}")
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*spec)
+
+
+def tree_shardings(logical_tree: Any, shapes: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for a pytree of logical-name tuples (leaves) with matching shapes."""
+  is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
+  flat_names, treedef = jax.tree_util.tree_flatten_with_path(logical_tree, is_leaf=is_names)
+  flat_shapes = treedef.flatten_up_to(shapes)
+  out = []
+  for (path, names), shape in zip(flat_names, flat_shapes):
+    what = jax.tree_util.keystr(path)
+    shape = tuple(getattr(shape, "shape", shape))
+    if len(names) != len(shape):
+      raise ValueError(f"{what}: {len(names)} logical axes {names} for shape {shape}")
+    out.append(NamedSharding(mesh, logical_to_spec(names, rules, what=what, shape=shape,
+                                                   mesh=mesh)))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# The mesh and rules that activation constraints use while a step is traced.
+_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "sharding_context", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh_rules(mesh: Mesh, rules: Rules):
+  """Within this context `constrain` pins activations to `mesh` by `rules`."""
+  token = _CONTEXT.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _CONTEXT.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on an activation by logical names; identity outside `use_mesh_rules`."""
+  context = _CONTEXT.get()
+  if context is None:
+    return x
+  mesh, rules = context
+  spec = logical_to_spec(names, rules, what="activation", mesh=mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
+  """Sharding of an input batch array `[batch, length, ...]`: batch split, the rest whole."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules,
+                                             what="batch", mesh=mesh))

@@ -1,0 +1,30 @@
+"""Train any stage from its config.
+
+  python -m scripts.train --config configs/pretrain.py:tiny --workdir runs/pretrain_tiny
+  python -m scripts.train --config configs/pretrain.py:tiny --workdir runs/x \\
+      --config.optimizer.lr=1e-3 --config.train.steps=200
+
+Rerunning the same command on the same workdir resumes from its latest checkpoint. Every config
+field can be overridden with --config.<section>.<field>=value; an unknown field is an error.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  from training.loop import train_and_evaluate  # after flags: keeps --help fast
+  final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.info("final: %s", {k: round(v, 4) for k, v in final.items()})
+
+
+if __name__ == "__main__":
+  app.run(main)

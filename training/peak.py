@@ -1,0 +1,59 @@
+"""Peak FLOP/s of the devices, the denominator of MFU.
+
+Accelerators: vendor dense peaks for the compute dtype. CPUs have no such number, so we measure
+the float32 matmul rate of this machine (the benchmark does the same, in the same run).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense peak FLOP/s per chip for bfloat16 matmuls (vendor specifications).
+_BF16_PEAKS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+}
+
+
+def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10,
+                         device: jax.Device | None = None) -> float:
+  """Sustained FLOP/s of an `n x n @ n x n` matmul chain on one device."""
+  device = device or jax.devices()[0]
+  a = jax.device_put(jnp.ones((n, n), dtype) / n, device)
+
+  @jax.jit
+  def chain(x):
+    for _ in range(4):
+      x = x @ a
+    return x
+
+  chain(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    chain(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 4 * 2 * n ** 3 / best
+
+
+def device_peak_flops(dtype: str = "bfloat16") -> float:
+  """Peak FLOP/s of one local device: the vendor number when known, else measured."""
+  device = jax.devices()[0]
+  kind = getattr(device, "device_kind", "")
+  if device.platform != "cpu":
+    for name, peak in _BF16_PEAKS.items():
+      if name.lower() in kind.lower():
+        return peak / (1 if dtype in ("bfloat16", "float16") else 2)
+  return measure_matmul_flops(n=1024, repeats=3)
+
+
+def total_peak_flops(dtype: str = "bfloat16") -> float:
+  """Peak FLOP/s of all devices of the job. CPU devices (real or faked with
+  --xla_force_host_platform_device_count) share one host's cores: the measured host rate."""
+  if jax.devices()[0].platform == "cpu":
+    return device_peak_flops(dtype)
+  return device_peak_flops(dtype) * jax.device_count()

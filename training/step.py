@@ -1,0 +1,99 @@
+"""The generic train and eval steps, jitted with explicit shardings and state donation.
+
+Gradient accumulation: the global batch is split into `grad_accum_steps` micro-batches whose
+loss *sums* and gradients are added up by `lax.scan`, then divided once by the total weight, so
+the update equals that of one large batch exactly (not a mean of per-micro-batch means).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from models.build import ModelSpec
+from objectives.reductions import Metrics, add_metrics
+from parallel.rules import Rules, batch_sharding, constrain, use_mesh_rules
+from training.stages import LossFn
+from training.state import TrainState
+
+
+def _split_micro_batches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [n, B/n, ...] taking rows strided (row i goes to micro-batch i % n), so every
+  device's local rows are spread evenly over the micro-batches and no data moves."""
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps {n}")
+    y = x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+    return constrain(y, (None, "batch") + (None,) * (x.ndim - 1))
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(spec: ModelSpec, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, objective_cfg: ml_collections.ConfigDict, *,
+                    mesh: Mesh, rules: Rules, shardings: TrainState, grad_accum_steps: int = 1,
+                    donate: bool = True):
+  """Returns `step(state, batch) -> (state, metrics)`, jitted over `mesh`.
+
+  `metrics` holds `(sum, weight)` pairs from the objective plus scalars `grad_norm` and `lr`
+  (as `(value, 1)`), so the caller can average them over steps exactly.
+  """
+
+  def loss_sum(params, batch, rng):
+    per_token, metrics = loss_fn(spec.bind(params), batch, rng, objective_cfg)
+    del per_token
+    return metrics["loss"][0], metrics
+
+  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+  def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
+    with use_mesh_rules(mesh, rules):
+      rng, step_rng = jax.random.split(state["rng"])
+      params = state["params"]
+      if grad_accum_steps == 1:
+        (_, metrics), grads = grad_fn(params, batch, step_rng)
+      else:
+        micro = _split_micro_batches(batch, grad_accum_steps)
+        rngs = jax.random.split(step_rng, grad_accum_steps)
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        _, zero_metrics = jax.eval_shape(loss_sum, params, jax.tree.map(lambda x: x[0], micro),
+                                         rngs[0])
+        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
+
+        def accumulate(carry, xs):
+          grads_acc, metrics_acc = carry
+          mb, mb_rng = xs
+          (_, m), g = grad_fn(params, mb, mb_rng)
+          return (jax.tree.map(jnp.add, grads_acc, g), add_metrics(metrics_acc, m)), None
+
+        (grads, metrics), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics), (micro, rngs))
+      weight = jnp.maximum(metrics["loss"][1], 1.0)
+      grads = jax.tree.map(lambda g: g / weight, grads)
+      updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+      new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                   "step": state["step"] + 1, "rng": rng}
+      one = jnp.ones((), jnp.float32)
+      metrics = dict(metrics, grad_norm=(optax.tree.norm(grads), one),
+                     lr=(jnp.asarray(schedule(state["step"]), jnp.float32), one))
+      return new_state, metrics
+
+  data_sharding = batch_sharding(mesh, rules)
+  return jax.jit(step, in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
+                 donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(spec: ModelSpec, loss_fn: LossFn, objective_cfg: ml_collections.ConfigDict,
+                   *, mesh: Mesh, rules: Rules, params_shardings: Any):
+  """Returns `eval_step(params, batch) -> metrics` ((sum, weight) pairs), jitted over `mesh`."""
+
+  def eval_step(params, batch):
+    with use_mesh_rules(mesh, rules):
+      _, metrics = loss_fn(spec.bind(params), batch, jax.random.PRNGKey(0), objective_cfg)
+      return metrics
+
+  return jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh, rules)))
