@@ -31,11 +31,17 @@ def base_config() -> ml_collections.ConfigDict:
       eval_split="validation",
       tokenizer="",            # path of a sentencepiece .model; '' trains one into the workdir
       tokenizer_vocab_size=512,
+      # source='tiny_world': 'world' (pretraining prose) or 'chronicle' (ledgers, weather and
+      # caravan logs of the same towns, for continued pretraining), and how many documents.
+      tiny_world_domain="world",
+      tiny_world_train_docs=20_000,
+      tiny_world_eval_docs=1_000,
       seq_len=128,
       global_batch_size=16,
       shuffle=True,
       add_bos=True,
       add_eos=True,
+      pack_bins=32,            # rows filled at once, first-fit, when packing documents
       skip_invalid=False,      # skip (and count) malformed records instead of failing
       worker_count=0,          # grain worker processes (0: in the main process)
   ))

@@ -11,6 +11,8 @@ field can be overridden with --config.<section>.<field>=value; an unknown field 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs.cli import parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
@@ -27,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

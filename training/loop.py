@@ -30,7 +30,7 @@ from training.metrics import MetricsWriter, format_progress
 from training.optimizer import make_optimizer
 from training.peak import total_peak_flops
 from training.stages import batch_tokens, get_loss_fn, model_kind
-from training.state import abstract_train_state, create_train_state
+from training.state import abstract_train_state, init_train_state, shardings_of
 from training.step import make_eval_step, make_train_step
 
 
@@ -56,8 +56,13 @@ def evaluate(eval_step, params, make_iter, steps: int, sharding) -> dict[str, fl
   return {f"eval/{k}": float(v) for k, v in finalize_metrics(total).items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns last metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after: int | None = None) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns last metrics.
+
+  `stop_after` ends this process at that step with a checkpoint, as a preemption would, without
+  changing the schedule: rerunning resumes and finishes the same run.
+  """
   # --- Start-up and mesh ------------------------------------------------------------------
   maybe_initialize_distributed()
   workdir = os.path.abspath(workdir)
@@ -65,8 +70,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = make_mesh(config.mesh)
   rules = get_rules(config.mesh.rules)
   is_primary = jax.process_index() == 0
-  writer = MetricsWriter(workdir, enabled=is_primary)
-  writer.write_hparams(config.to_dict())
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
 
   # --- Data -------------------------------------------------------------------------------
@@ -81,7 +84,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   host_batch = config.data.global_batch_size // num_hosts
   make_iter = lambda split, epochs: make_clm_iterator(
       config.data, tokenizer, split=split, seq_len=config.data.seq_len, batch_size=host_batch,
-      shard_index=host, shard_count=num_hosts, seed=config.seed, num_epochs=epochs)
+      shard_index=host, shard_count=num_hosts, seed=config.seed, num_epochs=epochs,
+      workdir=workdir)
   train_iter: Iterator[Any] = make_iter("train", None)
   data_sharding = batch_sharding(mesh, rules)
 
@@ -93,17 +97,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               max_to_keep=config.checkpoint.max_to_keep,
                               save_every=config.checkpoint.every_steps,
                               async_save=config.checkpoint.async_save)
-  state, shardings = create_train_state(spec, optimizer, mesh, rules, config.seed)
+  abstract_state = abstract_train_state(spec, optimizer, mesh, rules)
+  shardings = shardings_of(abstract_state)
   if checkpointer.latest_step() is not None:
-    target = abstract_train_state(spec, optimizer, shardings)
-    state, data_state = checkpointer.restore(None, target)
+    state, data_state = checkpointer.restore(None, abstract_state)
     if data_state is not None:
       train_iter.set_state(data_state)
     logging.info("resumed from step %d", int(state["step"]))
-  elif config.init_from:
-    params = checkpointer.restore_params(config.init_from, target_params(spec, shardings))
-    state = dict(state, params=params)
-    logging.info("params initialised from %s", config.init_from)
+  else:
+    state = init_train_state(spec, optimizer, abstract_state, config.seed)
+    if config.init_from:
+      params = checkpointer.restore_params(config.init_from, abstract_state["params"])
+      state = dict(state, params=params)
+      logging.info("params initialised from %s", config.init_from)
+
+  start_step = int(state["step"])
+  # On resume, TensorBoard hides what a killed attempt logged after the checkpoint.
+  writer = MetricsWriter(workdir, enabled=is_primary, purge_step=start_step + 1 if start_step
+                         else None)
+  writer.write_hparams(config.to_dict())
 
   # --- Steps ------------------------------------------------------------------------------
   loss_fn = get_loss_fn(config.objective.name)
@@ -118,7 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Loop -------------------------------------------------------------------------------
   step = int(state["step"])
   window, window_tokens, window_start, last = None, 0, None, {}
-  while step < total_steps:
+  end = total_steps if stop_after is None else min(stop_after, total_steps)
+  while step < end:
     local = next(train_iter)
     state, metrics = train_step(state, global_batch(local, data_sharding))
     step += 1
@@ -154,7 +167,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
   return last
 
-
-def target_params(spec, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      spec.shapes, shardings["params"])

@@ -104,7 +104,8 @@ class MetricsWriter:
     self._tb.flush()
 
   def write_hparams(self, config: Mapping[str, Any]) -> None:
-    """Writes the flattened config to `{workdir}/config.json` and as TensorBoard text.
+    """Writes the config to `{workdir}/config.json` (nested, reloadable) and, flattened, as
+    TensorBoard text.
 
     Args:
       config: nested mapping or `ml_collections.ConfigDict`.
@@ -115,7 +116,7 @@ class MetricsWriter:
       config = config.to_dict()
     flat = flatten_dict(config)
     with open(os.path.join(self.workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-      json.dump(flat, f, indent=2, sort_keys=True)
+      json.dump(config, f, indent=2, sort_keys=True)
       f.write("\n")
     rows = [f"| `{key}` | `{json.dumps(flat[key])}` |" for key in sorted(flat)]
     self._tb.add_text("config", "\n".join(["| key | value |", "|---|---|", *rows]))
@@ -177,62 +178,17 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
 def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any]) -> str:
   """One progress line, e.g. `step   120/600 | loss 3.412 | lr 2.9e-03 | 12,345 tok/s`.
 
-  Shows `train/loss`, `train/accuracy`, `train/lr`, `perf/tokens_per_sec` and `perf/mfu` (a
+  Shows `train/loss`, `train/accuracy`, `eval/loss` (the latest), `train/lr`, `perf/tokens_per_sec` and `perf/mfu` (a
   fraction, shown in percent) when present in `metrics`.
   """
   width = max(5, len(str(total_steps)))
   parts = [f"step {step:>{width}}/{total_steps}"]
   formats = (("train/loss", "loss {:.3f}"), ("train/accuracy", "acc {:.3f}"),
-             ("train/lr", "lr {:.1e}"), ("perf/tokens_per_sec", "{:,.0f} tok/s"))
+             ("eval/loss", "eval loss {:.3f}"), ("train/lr", "lr {:.1e}"),
+             ("perf/tokens_per_sec", "{:,.0f} tok/s"))
   for tag, fmt in formats:
     if tag in metrics:
       parts.append(fmt.format(_to_float(metrics[tag])))
   if "perf/mfu" in metrics:
     parts.append(f"MFU {100 * _to_float(metrics['perf/mfu']):.1f}%")
   return " | ".join(parts)
-
-
-class StepTimer:
-  """Wall-clock throughput over logging windows.
-
-  Dispatch is asynchronous, so a window is only measured right if the caller has waited for
-  the device at both ends (fetching the metrics does). Start the first window after the first
-  step has finished, so compilation stays out of it:
-
-      timer = StepTimer()
-      for step in range(first_step, total_steps + 1):
-        state, metrics = train_step(state, batch)
-        if step == first_step:
-          jax.block_until_ready(metrics)
-          timer.start()
-        elif step % log_every == 0:
-          metrics = jax.device_get(metrics)
-          steps = step - max(first_step, step - log_every)
-          tokens_per_sec, sec_per_step = timer.stop(steps * tokens_per_step, steps)
-  """
-
-  def __init__(self, clock: Callable[[], float] = time.perf_counter):
-    self._clock = clock
-    self._start = None
-
-  def start(self) -> None:
-    """Starts a window now."""
-    self._start = self._clock()
-
-  def stop(self, num_tokens: int, num_steps: int = 1) -> tuple[float, float]:
-    """Ends the window and starts the next one at once (logging time counts as training time).
-
-    Args:
-      num_tokens: tokens processed (over all hosts) by the steps in the window.
-      num_steps: steps in the window.
-
-    Returns:
-      `(tokens_per_sec, sec_per_step)` over the window.
-    """
-    if self._start is None:
-      raise RuntimeError("StepTimer.stop() called before start().")
-    now = self._clock()
-    elapsed, self._start = now - self._start, now
-    if elapsed <= 0:
-      return math.inf, 0.0
-    return num_tokens / elapsed, elapsed / max(num_steps, 1)

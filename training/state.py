@@ -62,20 +62,31 @@ def init_train_state_fn(spec: ModelSpec, optimizer: optax.GradientTransformation
   return init
 
 
-def create_train_state(spec: ModelSpec, optimizer: optax.GradientTransformation, mesh: Mesh,
-                       rules: Rules, seed: int) -> tuple[TrainState, TrainState]:
-  """Returns (state, shardings): the state initialised directly into its shardings."""
-  init = init_train_state_fn(spec, optimizer)
-  key = jax.random.PRNGKey(seed)
-  abstract = jax.eval_shape(init, key)
-  shardings = state_shardings(abstract, spec, mesh, rules)
-  state = jax.jit(init, out_shardings=shardings)(key)
-  return state, shardings
+def abstract_train_state(spec: ModelSpec, optimizer: optax.GradientTransformation, mesh: Mesh,
+                         rules: Rules) -> TrainState:
+  """The state's shapes as ShapeDtypeStructs carrying their shardings; no memory is used.
 
-
-def abstract_train_state(spec: ModelSpec, optimizer: optax.GradientTransformation,
-                         shardings: TrainState) -> TrainState:
-  """ShapeDtypeStructs carrying shardings: the restore target of a checkpoint."""
+  This is both the `out_shardings` of a fresh init and the target a checkpoint restores into.
+  """
   abstract = jax.eval_shape(init_train_state_fn(spec, optimizer), jax.random.PRNGKey(0))
+  shardings = state_shardings(abstract, spec, mesh, rules)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
+
+
+def shardings_of(abstract_state: TrainState) -> TrainState:
+  return jax.tree.map(lambda a: a.sharding, abstract_state)
+
+
+def init_train_state(spec: ModelSpec, optimizer: optax.GradientTransformation,
+                     abstract_state: TrainState, seed: int) -> TrainState:
+  """A fresh state, initialised directly into its shardings by a jitted init."""
+  init = jax.jit(init_train_state_fn(spec, optimizer), out_shardings=shardings_of(abstract_state))
+  return init(jax.random.PRNGKey(seed))
+
+
+def create_train_state(spec: ModelSpec, optimizer: optax.GradientTransformation, mesh: Mesh,
+                       rules: Rules, seed: int) -> tuple[TrainState, TrainState]:
+  """Returns (state, shardings) of a fresh state."""
+  abstract = abstract_train_state(spec, optimizer, mesh, rules)
+  return init_train_state(spec, optimizer, abstract, seed), shardings_of(abstract)

@@ -1,0 +1,203 @@
+"""Readers of local record files: JSONL (one JSON object per line) and plain text.
+
+Every reader reports a malformed record as a `RecordError` naming the file, the 1-based line
+number and what is wrong, or, with `skip_invalid=True`, skips it and counts it in a
+`SkipCounter` by reason. The JSON-line layer (`iter_jsonl`, `iter_jsonl_records`) takes a
+validation hook, so the instruction and preference formats of later stages reuse it:
+
+    def validate_alpaca(obj):
+      return dict(instruction=require_text(obj, "instruction"), ...)
+
+    for example in iter_jsonl_records("sft/*.jsonl", validate_alpaca): ...
+"""
+
+import collections
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class InvalidRecord(ValueError):
+  """Raised by a validation hook: `reason` is a short key for counting ('missing_field')."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(detail)
+    self.reason = reason
+    self.detail = detail
+
+
+class RecordError(ValueError):
+  """A malformed record, located: the message reads 'path:line: what is wrong'."""
+
+  def __init__(self, path: str, line_no: int, reason: str, detail: str):
+    super().__init__(f"{path}:{line_no}: {detail}")
+    self.path = path
+    self.line_no = line_no
+    self.reason = reason
+
+
+@dataclasses.dataclass
+class SkipCounter:
+  """How many records were skipped, in all and per reason ('bad_json', 'empty', ...)."""
+  skipped: int = 0
+  reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def add(self, reason: str) -> None:
+    self.skipped += 1
+    self.reasons[reason] += 1
+
+
+def expand_patterns(patterns: str) -> list:
+  """Expands comma-separated globs into a sorted, de-duplicated list of files.
+
+  Raises:
+    FileNotFoundError: a pattern matches no file (the message names the pattern).
+  """
+  paths, seen = [], set()
+  for pattern in (p.strip() for p in patterns.split(",")):
+    if not pattern:
+      continue
+    matches = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+    if not matches:
+      raise FileNotFoundError(f"no file matches the pattern {pattern!r}")
+    paths.extend(m for m in matches if m not in seen)
+    seen.update(matches)
+  if not paths:
+    raise FileNotFoundError(f"no file patterns given: {patterns!r}")
+  return paths
+
+
+def iter_jsonl(path: str) -> Iterator[tuple]:
+  """Yields `(line_no, obj)` for each non-blank line of a JSONL file (1-based line numbers).
+
+  Raises:
+    RecordError: a line is not valid JSON (reason 'bad_json').
+  """
+  for line_no, obj in _iter_jsonl_or_errors(path):
+    if isinstance(obj, RecordError):
+      raise obj
+    yield line_no, obj
+
+
+def _iter_jsonl_or_errors(path: str) -> Iterator[tuple]:
+  # Yields a bad line's error instead of raising it, so a caller may skip it and go on.
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        yield line_no, json.loads(line)
+      except json.JSONDecodeError as e:
+        yield line_no, RecordError(path, line_no, "bad_json",
+                                   f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def iter_jsonl_records(patterns: str, validate: Callable[[Any], T], *,
+                       skip_invalid: bool = False,
+                       counter: SkipCounter | None = None) -> Iterator[T]:
+  """Yields `validate(obj)` for each JSON line of the files matching `patterns`.
+
+  Args:
+    patterns: comma-separated globs of .jsonl files.
+    validate: maps a parsed line to a record; raises `InvalidRecord` for a bad one.
+    skip_invalid: skip and count bad lines instead of raising.
+    counter: where skipped lines are counted (a fresh one is used when None).
+
+  Raises:
+    RecordError: a bad line, unless `skip_invalid`.
+  """
+  counter = SkipCounter() if counter is None else counter
+  for path in expand_patterns(patterns):
+    yield from _validated_jsonl(path, validate, skip_invalid, counter)
+
+
+def _validated_jsonl(path: str, validate: Callable[[Any], T], skip_invalid: bool,
+                     counter: SkipCounter) -> Iterator[T]:
+  for line_no, obj in _iter_jsonl_or_errors(path):
+    error = obj if isinstance(obj, RecordError) else None
+    if error is None:
+      try:
+        record = validate(obj)
+      except InvalidRecord as e:
+        error = RecordError(path, line_no, e.reason, e.detail)
+    if error is None:
+      yield record
+    elif skip_invalid:
+      counter.add(error.reason)
+    else:
+      raise error
+
+
+def require_text(obj: Any, field: str) -> str:
+  """Returns `obj[field]` if `obj` is an object whose `field` is a non-empty string.
+
+  Raises:
+    InvalidRecord: with reason 'not_object', 'missing_field', 'wrong_type' or 'empty'.
+  """
+  if not isinstance(obj, dict):
+    raise InvalidRecord("not_object", f"expected a JSON object, got {type(obj).__name__}")
+  if field not in obj:
+    raise InvalidRecord("missing_field", f"missing field {field!r} (fields: "
+                        f"{sorted(obj)})")
+  value = obj[field]
+  if not isinstance(value, str):
+    raise InvalidRecord("wrong_type", f"field {field!r} must be a string, got "
+                        f"{type(value).__name__}")
+  if not value.strip():
+    raise InvalidRecord("empty", f"field {field!r} is empty")
+  return value
+
+
+def iter_txt(path: str, blocks: bool = False) -> Iterator[tuple]:
+  """Yields `(line_no, text)` per non-blank line, or per blank-line-separated block.
+
+  A block's line number is that of its first line; its lines are joined with newlines.
+  """
+  with open(path, encoding="utf-8") as f:
+    if not blocks:
+      for line_no, line in enumerate(f, start=1):
+        if line.strip():
+          yield line_no, line.rstrip("\r\n")
+      return
+    start, block = 0, []
+    for line_no, line in enumerate(f, start=1):
+      if line.strip():
+        start = start or line_no
+        block.append(line.rstrip("\r\n"))
+      elif block:
+        yield start, "\n".join(block)
+        start, block = 0, []
+    if block:
+      yield start, "\n".join(block)
+
+
+def iter_text_records(patterns: str, text_field: str = "text", txt_blocks: bool = False,
+                      skip_invalid: bool = False,
+                      counter: SkipCounter | None = None) -> Iterator[str]:
+  """Yields the text of every record in the .jsonl / .txt files matching `patterns`.
+
+  Args:
+    patterns: comma-separated globs; files are read in sorted order per pattern.
+    text_field: the JSONL field holding the text.
+    txt_blocks: .txt files hold one document per blank-line-separated block, not per line.
+    skip_invalid: skip and count malformed JSONL records instead of raising.
+    counter: where skipped records are counted.
+
+  Raises:
+    RecordError: a malformed record (bad JSON, not an object, missing field, wrong type,
+      empty text), unless `skip_invalid`.
+    ValueError: a file that is neither .jsonl nor .txt.
+  """
+  counter = SkipCounter() if counter is None else counter
+  validate = lambda obj: require_text(obj, text_field)
+  for path in expand_patterns(patterns):
+    if path.endswith(".jsonl"):
+      yield from _validated_jsonl(path, validate, skip_invalid, counter)
+    elif path.endswith(".txt"):
+      yield from (text for _, text in iter_txt(path, blocks=txt_blocks))
+    else:
+      raise ValueError(f"{path}: unsupported file type (expected .jsonl or .txt)")
