@@ -8,6 +8,12 @@ is its own segment, and its positions restart at 0: a continuation chunk sees no
 text before it (attention never crosses a segment), so its first positions are the start
 of a context window, not the middle of a document.
 
+Other stages pack the same way. What the packer places is a *unit*: a list of segments that
+must share a row (one chunk for CLM; a chosen / rejected pair for preference stages). A
+segment is a dict of equal-length per-token arrays holding at least `inputs`, `targets` and
+`loss_mask`, plus any per-token fields its stage needs (they are copied into the row, zero
+on padding); `positions` defaults to 0..n-1. `clm_unit` turns a CLM chunk into a unit.
+
 Rows are filled first-fit over `num_bins` open rows (`FirstFitPacker`); when a chunk fits
 none of them, all open rows are emitted in order and packing starts afresh. Emitting a whole
 window at once is what makes the packing resumable: the state of a packed stream is where
@@ -42,52 +48,73 @@ def causal_chunks(tokens, seq_len: int) -> list:
   return [tokens[start:start + seq_len + 1] for start in range(0, len(tokens) - 1, seq_len)]
 
 
-def empty_row(seq_len: int) -> dict:
-  """An all-padding row: every array [seq_len], zero, loss_mask 0."""
-  row = {key: np.zeros(seq_len, np.int32) for key in ROW_KEYS}
-  row["loss_mask"] = np.zeros(seq_len, np.float32)
+def empty_row(seq_len: int, like: dict | None = None) -> dict:
+  """An all-padding row: every array [seq_len], zero, loss_mask 0.
+
+  Args:
+    seq_len: row length.
+    like: a row (or segment) whose keys and dtypes to copy; default the CLM `ROW_KEYS`.
+  """
+  if like is None:
+    row = {key: np.zeros(seq_len, np.int32) for key in ROW_KEYS}
+    row["loss_mask"] = np.zeros(seq_len, np.float32)
+    return row
+  row = {key: np.zeros(seq_len, np.asarray(value).dtype) for key, value in like.items()}
+  row.setdefault("segment_ids", np.zeros(seq_len, np.int32))
+  row.setdefault("positions", np.zeros(seq_len, np.int32))
   return row
 
 
+def clm_unit(chunk) -> list:
+  """A causal chunk of n+1 tokens as a one-segment unit of n (input, target) pairs."""
+  chunk = np.asarray(chunk, np.int32)
+  return [{"inputs": chunk[:-1], "targets": chunk[1:],
+           "loss_mask": np.ones(len(chunk) - 1, np.float32)}]
+
+
+def unit_length(unit) -> int:
+  return sum(len(segment["inputs"]) for segment in unit)
+
+
 class FirstFitPacker:
-  """Places chunks into the first of `num_bins` rows with room; emits them on `flush`."""
+  """Places units into the first of `num_bins` rows with room; emits them on `flush`."""
 
   def __init__(self, seq_len: int, num_bins: int):
     if seq_len < 1 or num_bins < 1:
       raise ValueError(f"need seq_len >= 1 and num_bins >= 1, got {seq_len}, {num_bins}")
     self.seq_len = seq_len
     self.num_bins = num_bins
-    self._bins = []  # per open row: its chunks
+    self._bins = []  # per open row: its segments
     self._used = []  # per open row: positions taken
 
   def __len__(self) -> int:
     """Number of open rows."""
     return len(self._bins)
 
-  def _slot(self, chunk) -> int | None:
-    need = len(chunk) - 1
+  def _slot(self, unit) -> int | None:
+    need = unit_length(unit)
     if need > self.seq_len or need < 1:
-      raise ValueError(f"chunk of {len(chunk)} tokens does not make 1 to {self.seq_len} "
-                       "targets; cut it with causal_chunks first")
+      raise ValueError(f"a unit of {need} tokens does not fit rows of 1 to {self.seq_len}; "
+                       "cut CLM documents with causal_chunks first")
     for i, used in enumerate(self._used):
       if self.seq_len - used >= need:
         return i
     return len(self._bins) if len(self._bins) < self.num_bins else None
 
-  def fits(self, chunk) -> bool:
-    """Whether `chunk` fits an open row or a row that may still be opened."""
-    return self._slot(chunk) is not None
+  def fits(self, unit) -> bool:
+    """Whether `unit` fits an open row or a row that may still be opened."""
+    return self._slot(unit) is not None
 
-  def add(self, chunk) -> None:
-    """Places `chunk` first-fit; raises ValueError when it fits nowhere (`flush` first)."""
-    slot = self._slot(chunk)
+  def add(self, unit) -> None:
+    """Places `unit` first-fit; raises ValueError when it fits nowhere (`flush` first)."""
+    slot = self._slot(unit)
     if slot is None:
-      raise ValueError("no row has room for this chunk; flush the packer first")
+      raise ValueError("no row has room for this unit; flush the packer first")
     if slot == len(self._bins):
       self._bins.append([])
       self._used.append(0)
-    self._bins[slot].append(np.asarray(chunk, np.int32))
-    self._used[slot] += len(chunk) - 1
+    self._bins[slot].extend(unit)
+    self._used[slot] += unit_length(unit)
 
   def flush(self) -> list:
     """Returns the open rows, in the order they were opened, and empties the packer."""
@@ -95,17 +122,16 @@ class FirstFitPacker:
     self._bins, self._used = [], []
     return rows
 
-  def _make_row(self, chunks: list) -> dict:
-    row = empty_row(self.seq_len)
+  def _make_row(self, segments: list) -> dict:
+    row = empty_row(self.seq_len, like=segments[0])
     start = 0
-    for segment_id, chunk in enumerate(chunks, start=1):
-      n = len(chunk) - 1
-      end = start + n
-      row["inputs"][start:end] = chunk[:-1]
-      row["targets"][start:end] = chunk[1:]
+    for segment_id, segment in enumerate(segments, start=1):
+      end = start + len(segment["inputs"])
+      for key, value in segment.items():
+        row[key][start:end] = value
       row["segment_ids"][start:end] = segment_id
-      row["positions"][start:end] = np.arange(n, dtype=np.int32)
-      row["loss_mask"][start:end] = 1.0
+      if "positions" not in segment:
+        row["positions"][start:end] = np.arange(end - start, dtype=np.int32)
       start = end
     return row
 
@@ -125,9 +151,10 @@ def pack_documents(documents, seq_len: int, num_bins: int = 1) -> list:
   packer, rows = FirstFitPacker(seq_len, num_bins), []
   for doc in documents:
     for chunk in causal_chunks(doc, seq_len):
-      if not packer.fits(chunk):
+      unit = clm_unit(chunk)
+      if not packer.fits(unit):
         rows.extend(packer.flush())
-      packer.add(chunk)
+      packer.add(unit)
   rows.extend(packer.flush())
   return rows
 
@@ -141,5 +168,5 @@ def stack_rows(rows: list, batch_size: int) -> dict:
   if not rows or len(rows) > batch_size:
     raise ValueError(f"need 1 to {batch_size} rows, got {len(rows)}")
   seq_len = len(rows[0]["inputs"])
-  rows = list(rows) + [empty_row(seq_len)] * (batch_size - len(rows))
-  return {key: np.stack([r[key] for r in rows]) for key in ROW_KEYS}
+  rows = list(rows) + [empty_row(seq_len, like=rows[0])] * (batch_size - len(rows))
+  return {key: np.stack([r[key] for r in rows]) for key in rows[0]}

@@ -123,15 +123,26 @@ class _Tokenize:
                                              add_eos=self._add_eos), np.int32)
 
 
-class PackedIterDataset(grain.IterDataset):
-  """Packs a stream of token arrays into causal-LM rows (see data/packing.py)."""
+def clm_units(tokens: np.ndarray, seq_len: int) -> list:
+  """A tokenized document as CLM packing units (one per causal chunk)."""
+  return [packing.clm_unit(chunk) for chunk in packing.causal_chunks(tokens, seq_len)]
 
-  def __init__(self, parent: grain.IterDataset, seq_len: int, num_bins: int):
+
+class PackedIterDataset(grain.IterDataset):
+  """Packs a stream of examples into rows (see data/packing.py).
+
+  `to_units(example, seq_len) -> list of units` says how one example becomes packing units;
+  the default treats examples as tokenized documents for causal LM.
+  """
+
+  def __init__(self, parent: grain.IterDataset, seq_len: int, num_bins: int,
+               to_units=clm_units):
     super().__init__(parent)
-    self._seq_len, self._num_bins = seq_len, num_bins
+    self._seq_len, self._num_bins, self._to_units = seq_len, num_bins, to_units
 
   def __iter__(self) -> "_PackedIterator":
-    return _PackedIterator(self._parent.__iter__(), self._seq_len, self._num_bins)
+    return _PackedIterator(self._parent.__iter__(), self._seq_len, self._num_bins,
+                           self._to_units)
 
   def __str__(self) -> str:
     return f"PackedIterDataset(seq_len={self._seq_len}, num_bins={self._num_bins})"
@@ -145,9 +156,10 @@ class _PackedIterator(grain.DatasetIterator):
   already emitted). Restoring replays the window from there, so no token data is saved.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, seq_len: int, num_bins: int):
+  def __init__(self, parent: grain.DatasetIterator, seq_len: int, num_bins: int,
+               to_units=clm_units):
     super().__init__(parent)
-    self._seq_len, self._num_bins = seq_len, num_bins
+    self._seq_len, self._num_bins, self._to_units = seq_len, num_bins, to_units
     self._rows, self._next_row = [], 0
     # Chunks of the current document not yet packed, and where they come from.
     self._pending, self._pending_origin = [], (self._parent.get_state(), 0)
@@ -172,7 +184,7 @@ class _PackedIterator(grain.DatasetIterator):
           tokens = next(self._parent)
         except StopIteration:
           break
-        self._pending = packing.causal_chunks(tokens, self._seq_len)[self._skip_chunks:]
+        self._pending = self._to_units(tokens, self._seq_len)[self._skip_chunks:]
         self._pending_origin = (parent_state, self._skip_chunks)
         self._skip_chunks = 0
         continue

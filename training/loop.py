@@ -8,6 +8,7 @@ bit-exactly: params, optimizer state, step, RNG and the data iterator are all re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Iterator
@@ -18,18 +19,18 @@ import numpy as np
 from absl import logging
 
 import models  # noqa: F401  (sets flax's variable-sharding mode before any module is built)
-from data.pipeline import make_clm_iterator, resolve_tokenizer
+from data.pipeline import resolve_tokenizer
 from models.build import build_model_spec
 from models.flops import train_flops_per_token
 from objectives.reductions import add_metrics, finalize_metrics
 from parallel.distributed import maybe_initialize_distributed
 from parallel.mesh import make_mesh
-from parallel.rules import batch_sharding, get_rules
+from parallel.rules import batch_sharding, get_rules, tree_shardings
 from training.checkpoint import Checkpointer
 from training.metrics import MetricsWriter, format_progress
 from training.optimizer import make_optimizer
 from training.peak import total_peak_flops
-from training.stages import batch_tokens, get_loss_fn, model_kind
+from training.stages import batch_tokens, get_stage
 from training.state import abstract_train_state, init_train_state, shardings_of
 from training.step import make_eval_step, make_train_step
 
@@ -40,7 +41,8 @@ def global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def evaluate(eval_step, params, make_iter, steps: int, sharding) -> dict[str, float]:
+def evaluate(eval_step, params, make_iter, steps: int, sharding, frozen_params=None
+             ) -> dict[str, float]:
   """Mean eval metrics over the first `steps` batches of a fresh eval iterator."""
   total = None
   iterator = make_iter()
@@ -49,11 +51,37 @@ def evaluate(eval_step, params, make_iter, steps: int, sharding) -> dict[str, fl
       local = next(iterator)
     except StopIteration:
       break
-    metrics = eval_step(params, global_batch(local, sharding))
+    metrics = eval_step(params, global_batch(local, sharding), frozen_params)
     total = metrics if total is None else add_metrics(total, metrics)
   if total is None:
     return {}
   return {f"eval/{k}": float(v) for k, v in finalize_metrics(total).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+  """What a stage's own held-out evaluation (e.g. greedy generation) gets to work with."""
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  spec: Any
+  params: Any
+  mesh: jax.sharding.Mesh
+  rules: Any
+  workdir: str
+
+
+def load_frozen_models(stage, config, mesh, rules):
+  """Specs, params and shardings of the stage's frozen models, restored sharded by path."""
+  specs, params, shardings = {}, {}, {}
+  for name, frozen in stage.frozen_models(config).items():
+    spec = build_model_spec(frozen.model_config, frozen.kind)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          spec.shapes, tree_shardings(spec.logical_axes, spec.shapes, mesh, rules))
+    specs[name] = spec
+    params[name] = Checkpointer.restore_params(frozen.path, target)
+    shardings[name] = jax.tree.map(lambda a: a.sharding, target)
+    logging.info("frozen %s model loaded from %s", name, frozen.path)
+  return specs, params, shardings
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -82,15 +110,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(f"config.data.global_batch_size {config.data.global_batch_size} does not "
                      f"divide over {num_hosts} hosts")
   host_batch = config.data.global_batch_size // num_hosts
-  make_iter = lambda split, epochs: make_clm_iterator(
-      config.data, tokenizer, split=split, seq_len=config.data.seq_len, batch_size=host_batch,
-      shard_index=host, shard_count=num_hosts, seed=config.seed, num_epochs=epochs,
-      workdir=workdir)
+  stage = get_stage(config.objective.name)
+  make_iter = lambda split, epochs: iter(stage.make_dataset(
+      config, tokenizer, split=split, batch_size=host_batch, shard_index=host,
+      shard_count=num_hosts, seed=config.seed, num_epochs=epochs, workdir=workdir))
   train_iter: Iterator[Any] = make_iter("train", None)
   data_sharding = batch_sharding(mesh, rules)
 
   # --- Model, optimizer, state ------------------------------------------------------------
-  spec = build_model_spec(config.model, model_kind(config.objective.name))
+  spec = build_model_spec(config.model, stage.model_kind)
   total_steps = config.train.steps
   optimizer, schedule = make_optimizer(config.optimizer, total_steps)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -117,13 +145,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          else None)
   writer.write_hparams(config.to_dict())
 
+  frozen_specs, frozen_params, frozen_shardings = load_frozen_models(stage, config, mesh, rules)
+
   # --- Steps ------------------------------------------------------------------------------
-  loss_fn = get_loss_fn(config.objective.name)
-  train_step = make_train_step(spec, loss_fn, optimizer, schedule, config.objective, mesh=mesh,
-                               rules=rules, shardings=shardings,
-                               grad_accum_steps=config.train.grad_accum_steps)
-  eval_step = make_eval_step(spec, loss_fn, config.objective, mesh=mesh, rules=rules,
-                             params_shardings=shardings["params"])
+  frozen_kwargs = dict(frozen_specs=frozen_specs, frozen_shardings=frozen_shardings)
+  train_step = make_train_step(spec, stage.loss_fn, optimizer, schedule, config.objective,
+                               mesh=mesh, rules=rules, shardings=shardings,
+                               grad_accum_steps=config.train.grad_accum_steps, **frozen_kwargs)
+  eval_step = make_eval_step(spec, stage.loss_fn, config.objective, mesh=mesh, rules=rules,
+                             params_shardings=shardings["params"], **frozen_kwargs)
   flops_per_token = train_flops_per_token(config.model, config.data.seq_len)
   peak = total_peak_flops(config.model.dtype)
 
@@ -133,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   end = total_steps if stop_after is None else min(stop_after, total_steps)
   while step < end:
     local = next(train_iter)
-    state, metrics = train_step(state, global_batch(local, data_sharding))
+    state, metrics = train_step(state, global_batch(local, data_sharding), frozen_params)
     step += 1
     if window_start is None:
       # The first step of a process compiles; time from its end.
@@ -153,7 +183,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       window, window_tokens, window_start = None, 0, time.perf_counter()
     if config.train.eval_every and (step % config.train.eval_every == 0 or step == total_steps):
       record.update(evaluate(eval_step, state["params"], lambda: make_iter("eval", None),
-                             config.train.eval_steps, data_sharding))
+                             config.train.eval_steps, data_sharding, frozen_params))
+      if stage.evaluate is not None:
+        record.update(stage.evaluate(EvalContext(config, tokenizer, spec, state["params"], mesh,
+                                                 rules, workdir)))
       if window_start is not None:
         window_start = time.perf_counter()  # evaluation time is not training throughput
     if record:

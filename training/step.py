@@ -34,41 +34,52 @@ def _split_micro_batches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.A
   return jax.tree.map(split, batch)
 
 
+def bind_frozen(frozen_specs: dict[str, ModelSpec], frozen_params: dict[str, Any]) -> dict:
+  """Frozen models (reference, teacher) bound from params no gradient flows into."""
+  return {name: frozen_specs[name].bind(jax.lax.stop_gradient(frozen_params[name]))
+          for name in frozen_specs}
+
+
 def make_train_step(spec: ModelSpec, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, objective_cfg: ml_collections.ConfigDict, *,
                     mesh: Mesh, rules: Rules, shardings: TrainState, grad_accum_steps: int = 1,
-                    donate: bool = True):
-  """Returns `step(state, batch) -> (state, metrics)`, jitted over `mesh`.
+                    donate: bool = True, frozen_specs: dict[str, ModelSpec] | None = None,
+                    frozen_shardings: dict[str, Any] | None = None):
+  """Returns `step(state, batch, frozen_params={}) -> (state, metrics)`, jitted over `mesh`.
 
+  `frozen_params` maps the names of `frozen_specs` to their params (not trained, not donated).
   `metrics` holds `(sum, weight)` pairs from the objective plus scalars `grad_norm` and `lr`
   (as `(value, 1)`), so the caller can average them over steps exactly.
   """
+  frozen_specs = frozen_specs or {}
 
-  def loss_sum(params, batch, rng):
-    per_token, metrics = loss_fn(spec.bind(params), batch, rng, objective_cfg)
+  def loss_sum(params, batch, rng, frozen_params):
+    frozen = bind_frozen(frozen_specs, frozen_params)
+    per_token, metrics = loss_fn(spec.bind(params), batch, rng, objective_cfg, frozen)
     del per_token
     return metrics["loss"][0], metrics
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-  def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
+  def step(state: TrainState, batch: dict[str, jax.Array],
+           frozen_params: dict[str, Any]) -> tuple[TrainState, Metrics]:
     with use_mesh_rules(mesh, rules):
       rng, step_rng = jax.random.split(state["rng"])
       params = state["params"]
       if grad_accum_steps == 1:
-        (_, metrics), grads = grad_fn(params, batch, step_rng)
+        (_, metrics), grads = grad_fn(params, batch, step_rng, frozen_params)
       else:
         micro = _split_micro_batches(batch, grad_accum_steps)
         rngs = jax.random.split(step_rng, grad_accum_steps)
         zero_grads = jax.tree.map(jnp.zeros_like, params)
         _, zero_metrics = jax.eval_shape(loss_sum, params, jax.tree.map(lambda x: x[0], micro),
-                                         rngs[0])
+                                         rngs[0], frozen_params)
         zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
 
         def accumulate(carry, xs):
           grads_acc, metrics_acc = carry
           mb, mb_rng = xs
-          (_, m), g = grad_fn(params, mb, mb_rng)
+          (_, m), g = grad_fn(params, mb, mb_rng, frozen_params)
           return (jax.tree.map(jnp.add, grads_acc, g), add_metrics(metrics_acc, m)), None
 
         (grads, metrics), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics), (micro, rngs))
@@ -83,17 +94,25 @@ def make_train_step(spec: ModelSpec, loss_fn: LossFn, optimizer: optax.GradientT
       return new_state, metrics
 
   data_sharding = batch_sharding(mesh, rules)
-  return jax.jit(step, in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
-                 donate_argnums=(0,) if donate else ())
+  jitted = jax.jit(step, in_shardings=(shardings, data_sharding, frozen_shardings or {}),
+                   out_shardings=(shardings, None), donate_argnums=(0,) if donate else ())
+  return lambda state, batch, frozen_params=None: jitted(state, batch, frozen_params or {})
 
 
 def make_eval_step(spec: ModelSpec, loss_fn: LossFn, objective_cfg: ml_collections.ConfigDict,
-                   *, mesh: Mesh, rules: Rules, params_shardings: Any):
-  """Returns `eval_step(params, batch) -> metrics` ((sum, weight) pairs), jitted over `mesh`."""
+                   *, mesh: Mesh, rules: Rules, params_shardings: Any,
+                   frozen_specs: dict[str, ModelSpec] | None = None,
+                   frozen_shardings: dict[str, Any] | None = None):
+  """Returns `eval_step(params, batch, frozen_params={}) -> metrics` ((sum, weight) pairs)."""
+  frozen_specs = frozen_specs or {}
 
-  def eval_step(params, batch):
+  def eval_step(params, batch, frozen_params):
     with use_mesh_rules(mesh, rules):
-      _, metrics = loss_fn(spec.bind(params), batch, jax.random.PRNGKey(0), objective_cfg)
+      frozen = bind_frozen(frozen_specs, frozen_params)
+      _, metrics = loss_fn(spec.bind(params), batch, jax.random.PRNGKey(0), objective_cfg,
+                           frozen)
       return metrics
 
-  return jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh, rules)))
+  jitted = jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh, rules),
+                                            frozen_shardings or {}))
+  return lambda params, batch, frozen_params=None: jitted(params, batch, frozen_params or {})

@@ -113,9 +113,29 @@ def test_stack_rows_pads():
 def test_packer_rejects_what_does_not_fit():
   packer = packing.FirstFitPacker(seq_len=4, num_bins=1)
   with pytest.raises(ValueError, match="causal_chunks"):
-    packer.add(np.arange(6))
-  packer.add(np.arange(4))
-  assert not packer.fits(np.arange(3))
+    packer.add(packing.clm_unit(np.arange(6)))
+  packer.add(packing.clm_unit(np.arange(4)))
+  assert not packer.fits(packing.clm_unit(np.arange(3)))
   with pytest.raises(ValueError, match="flush"):
-    packer.add(np.arange(3))
+    packer.add(packing.clm_unit(np.arange(3)))
   assert len(packer.flush()) == 1 and len(packer) == 0
+
+
+def test_multi_segment_units_share_a_row_and_carry_extra_fields():
+  def segment(tokens, tag):
+    n = len(tokens)
+    return {"inputs": np.asarray(tokens, np.int32), "targets": np.asarray(tokens, np.int32),
+            "loss_mask": np.ones(n, np.float32), "pair_ids": np.full(n, tag, np.int32)}
+  packer = packing.FirstFitPacker(seq_len=6, num_bins=2)
+  packer.add([segment([5, 6], 1), segment([7], 1)])
+  packer.add([segment([8, 9, 4], 2), segment([3, 3], 2)])   # 5 tokens: opens row 2
+  packer.add([segment([1], 3), segment([2], 3)])             # fits row 1 (3 + 2 <= 6)
+  row1, row2 = packer.flush()
+  np.testing.assert_array_equal(row1["inputs"], [5, 6, 7, 1, 2, 0])
+  np.testing.assert_array_equal(row1["segment_ids"], [1, 1, 2, 3, 4, 0])
+  np.testing.assert_array_equal(row1["positions"], [0, 1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(row1["pair_ids"], [1, 1, 1, 3, 3, 0])
+  np.testing.assert_array_equal(row2["pair_ids"], [2, 2, 2, 2, 2, 0])
+  np.testing.assert_array_equal(row2["loss_mask"], [1, 1, 1, 1, 1, 0])
+  batch = packing.stack_rows([row1], batch_size=2)
+  assert batch["pair_ids"].shape == (2, 6) and not batch["pair_ids"][1].any()
