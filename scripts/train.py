@@ -24,6 +24,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   from training.loop import train_and_evaluate  # after flags: keeps --help fast
+  from training.metrics import quiet_library_logs
+  quiet_library_logs()
   final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info("final: %s", {k: round(v, 4) for k, v in final.items()})
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections.abc
 import json
+import logging
 import math
 import os
 import time
@@ -192,3 +193,18 @@ def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any]) -> 
   if "perf/mfu" in metrics:
     parts.append(f"MFU {100 * _to_float(metrics['perf/mfu']):.1f}%")
   return " | ".join(parts)
+
+
+class _LibraryInfoFilter(logging.Filter):
+  """Drops INFO-level chatter of orbax and JAX's backend probing; warnings still pass."""
+
+  _NOISY = ("/orbax/", "/jax/_src/xla_bridge.py", "/jax/_src/distributed.py")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno > logging.INFO or not any(n in record.pathname for n in self._NOISY)
+
+
+def quiet_library_logs() -> None:
+  """Keeps a run's INFO log to this project's own lines (progress, evals, checkpoints)."""
+  from absl import logging as absl_logging
+  absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
