@@ -5,7 +5,8 @@ Files of a run in `workdir`:
     {workdir}/metrics.jsonl     one `{"step": step, "tag": value, ...}` line per `write` call,
                                 appended across restarts; read it with `read_metrics`
     {workdir}/tensorboard/      TensorBoard event files (scalars under the same tags)
-    {workdir}/config.json       the flattened config of the run (`write_hparams`)
+    {workdir}/config.json       the nested config of the run (`write_hparams`; reload it with
+                                configs.cli.load_run_config)
 """
 
 from __future__ import annotations

@@ -73,3 +73,11 @@ def test_resume_equals_uninterrupted(straight_run, tmp_path):
   _, params_resumed = _params(resumed)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                params_straight, params_resumed)
+
+
+def test_evaluate_script_reproduces_the_runs_last_eval(straight_run):
+  from scripts.evaluate import evaluate_run
+  workdir, final = straight_run
+  metrics = evaluate_run(workdir, max_batches=small_config(8).train.eval_steps)
+  assert metrics["eval/loss"] == pytest.approx(final["eval/loss"], abs=1e-6)
+  assert metrics["eval/accuracy"] == pytest.approx(final["eval/accuracy"], abs=1e-6)
