@@ -1,0 +1,127 @@
+"""The whole pipeline, stage after stage, each starting from the checkpoint of the one before.
+
+  python -m scripts.pipeline --workdir runs/tiny                 # every stage, tiny presets
+  python -m scripts.pipeline --workdir runs/tiny --stages pretrain,sft,dpo
+  python -m scripts.pipeline --workdir runs/tiny --dry_run       # the equivalent commands
+
+    pretrain -> cpt (new domain) -> sft -> reward model -> dpo (offline preferences)
+             -> ppo, grpo, online dpo (online: sample, score, train again, from SFT)
+             -> distill (teacher: pretrain) ;  mlm (the encoder, independent)
+
+Each stage trains in `{workdir}/{stage}` through the same entry as `scripts.train`, so a
+stopped pipeline resumes where it stopped (finished stages are skipped at no cost). At the end
+a summary of every stage's held-out figures is printed and written to `{workdir}/summary.json`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shlex
+import sys
+
+from absl import app, flags, logging
+
+from configs.cli import parse_flags
+
+# (stage, config module, preset, overrides; "{name}" is the workdir of an earlier stage).
+PIPELINE = (
+    ("pretrain", "pretrain", "tiny", {}),
+    ("cpt", "cpt", "tiny", {"init_from": "{pretrain}"}),
+    ("sft", "sft", "tiny", {"init_from": "{pretrain}"}),
+    ("reward", "reward", "tiny", {"init_from": "{sft}"}),
+    ("dpo", "dpo", "tiny", {"init_from": "{sft}"}),
+    ("ppo", "ppo", "tiny", {"init_from": "{sft}"}),
+    ("grpo", "grpo", "tiny", {"init_from": "{sft}"}),
+    ("online_dpo", "online_dpo", "tiny", {"init_from": "{sft}"}),
+    ("distill", "distill", "tiny", {"objective.teacher": "{pretrain}"}),
+    ("mlm", "mlm", "tiny", {}),
+)
+# The held-out figure each stage exists for (shown in the summary when logged).
+HEADLINES = ("eval/loss", "eval_replay/loss", "eval/answer_accuracy", "eval/accuracy",
+             "eval/pairs/accuracy", "eval/reward", "eval/kl", "eval/nll",
+             "eval/masked_accuracy")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory: one run per stage.")
+_STAGES = flags.DEFINE_list("stages", [s[0] for s in PIPELINE], "Stages to run, in order.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the scripts.train commands only.")
+flags.mark_flag_as_required("workdir")
+
+
+def set_field(config, path: str, value) -> None:
+  """config[path] = value for a dotted path; an unknown key is an error naming it."""
+  *parents, leaf = path.split(".")
+  node = config
+  for key in parents:
+    node = node[key]
+  if leaf not in node:
+    raise KeyError(f"unknown config key {path!r}")
+  node[leaf] = value
+
+
+def stage_plan(workdir: str, stages: list[str]) -> list[tuple[str, str, str, dict]]:
+  """(stage, config module, preset, overrides with run paths filled in) for `stages`."""
+  known = {s[0]: s for s in PIPELINE}
+  unknown = [s for s in stages if s not in known]
+  if unknown:
+    raise app.UsageError(f"unknown stages {unknown}; choose from {list(known)}")
+  dirs = {name: os.path.join(workdir, name) for name in known}
+  plan = []
+  for name in stages:
+    _, module, preset, overrides = known[name]
+    plan.append((name, module, preset, {k: v.format(**dirs) for k, v in overrides.items()}))
+  return plan
+
+
+def command(workdir: str, name: str, module: str, preset: str, overrides: dict) -> list[str]:
+  argv = ["python", "-m", "scripts.train", f"--config=configs/{module}.py:{preset}",
+          f"--workdir={os.path.join(workdir, name)}"]
+  return argv + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def headline(run_dir: str) -> dict[str, float]:
+  """The stage's last logged value of each headline metric."""
+  from training.metrics import read_metrics
+  last: dict[str, float] = {}
+  for record in read_metrics(run_dir):
+    last.update({k: v for k, v in record.items() if k in HEADLINES or k.endswith("_init/loss")})
+  return last
+
+
+def run_pipeline(workdir: str, stages: list[str]) -> dict[str, dict[str, float]]:
+  from training.run import run_stage
+  summary = {}
+  for name, module, preset, overrides in stage_plan(workdir, stages):
+    config = importlib.import_module(f"configs.{module}").get_config(preset)
+    for path, value in overrides.items():
+      set_field(config, path, value)
+    logging.info("=== stage %s: %s", name, shlex.join(command(workdir, name, module, preset,
+                                                                 overrides)))
+    run_stage(config, os.path.join(workdir, name))
+    summary[name] = headline(os.path.join(workdir, name))
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2, sort_keys=True)
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  plan = stage_plan(_WORKDIR.value, _STAGES.value)
+  if _DRY_RUN.value:
+    for name, module, preset, overrides in plan:
+      print(shlex.join(command(_WORKDIR.value, name, module, preset, overrides)))
+    return
+  logging.set_verbosity(logging.INFO)
+  from training.metrics import quiet_library_logs
+  quiet_library_logs()
+  summary = run_pipeline(_WORKDIR.value, _STAGES.value)
+  for name, figures in summary.items():
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(figures.items()))
+    print(f"{name:10s} {shown}")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
