@@ -23,9 +23,18 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "tensorboardX>=2.6",
+        # Hugging Face checkpoints and tokenizers (models/convert, data/tokenizer.py); numpy
+        # only, no torch at run time.
+        "safetensors>=0.4.3",
+        "tokenizers>=0.19",
+        "jinja2>=3.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
-        "tpu": ["libtpu"],
+        # torch pinned: its CPU wheel; an unpinned torch would pull the CUDA build. The
+        # conversion parity tests build random models with transformers 5's config API.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0"],
+        # jax's own extra pins the libtpu built for the installed jax; compile_check uses it
+        # to compile for TPU topologies on any machine.
+        "tpu": ["jax[tpu]"],
     },
 )

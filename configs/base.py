@@ -4,9 +4,42 @@ Sections mirror packages: model, data, objective, optimizer, mesh, checkpoint, t
 All durations are in optimizer steps.
 """
 
+import os
+
 import ml_collections
 
 from configs.models import model_config
+
+
+def run_dir(path: str) -> str:
+  """The workdir of a run given its workdir, its checkpoints dir or one of its step dirs."""
+  path = os.path.normpath(path)
+  parent = os.path.dirname(path)
+  if os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints":
+    path = parent
+  return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+
+
+def _run_tokenizer_path(path: str) -> str:
+  if not path:
+    return ""
+  folder = os.path.join(run_dir(path), "tokenizer")
+  # A converted Hugging Face model (models/convert) keeps its tokenizer.json there instead.
+  hf = os.path.join(folder, "tokenizer.json")
+  spm = os.path.join(folder, "spm.model")
+  return hf if os.path.exists(hf) and not os.path.exists(spm) else spm
+
+
+def tokenizer_of_run(path_ref: ml_collections.FieldReference) -> ml_collections.FieldReference:
+  """A lazy `data.tokenizer` value: the tokenizer of the run at `path_ref` ('' while empty).
+
+  Stages that start from an earlier run (`config.init_from`, a distillation teacher) must use
+  its tokenizer; with `config.data.tokenizer = tokenizer_of_run(config.get_ref('init_from'))`
+  an override of the path moves the tokenizer along, and an explicit
+  `--config.data.tokenizer=...` replaces it.
+  """
+  # FieldReference has no public lazy map; `_apply_op` is what its own `+` / `to_str` use.
+  return path_ref._apply_op(_run_tokenizer_path)  # pylint: disable=protected-access
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,6 +77,16 @@ def base_config() -> ml_collections.ConfigDict:
       pack_bins=32,            # rows filled at once, first-fit, when packing documents
       skip_invalid=False,      # skip (and count) malformed records instead of failing
       worker_count=0,          # grain worker processes (0: in the main process)
+      # A second corpus (continued pretraining: the original one), see data/mixture.py. When
+      # replay_source is set its held-out loss is reported as eval_replay/* (forgetting), and
+      # replay_weight > 0 mixes that share of its documents into training. Unset fields are
+      # shared with the main corpus.
+      replay_source="",        # '' (none) | 'tiny_world' | 'files' | 'tfds'
+      replay_weight=0.0,       # share of training documents drawn from the replay corpus
+      replay_tiny_world_domain="world",
+      replay_train_files="",
+      replay_eval_files="",
+      replay_tfds_name="",
   ))
 
   config.objective = ml_collections.ConfigDict(dict(name="clm", z_loss=0.0))
@@ -84,5 +127,15 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=500,
       eval_steps=10,
       log_every=10,
+  ))
+
+  # LoRA (models/lora.py): train only low-rank adapters of these projections; the base
+  # (from init_from) stays frozen and doubles as the DPO / PPO reference.
+  config.lora = ml_collections.ConfigDict(dict(
+      enabled=False,
+      rank=8,
+      alpha=16.0,              # the update is scaled by alpha / rank
+      dropout=0.0,             # adapter-input feature dropout, one mask per layer and step
+      targets="q,k,v,o,gate,up,down",   # comma-separated: q, k, v, o, gate, up, down
   ))
   return config

@@ -3,7 +3,8 @@
 Every stage config picks one with `model_config(name)`. Fields:
   vocab_size, d_model, num_layers, num_heads, num_kv_heads (< num_heads: grouped-query attention),
   head_dim (0: d_model // num_heads), mlp_dim, norm ('rmsnorm' | 'layernorm'), norm_eps,
-  position ('rope' | 'learned'), rope_theta, max_length (learned positions / RoPE tables),
+  position ('rope' | 'learned'), rope_theta, rope_scaling (see `_base`), max_length (learned
+  positions / RoPE tables),
   activation ('swiglu' | 'gelu'), qkv_bias, out_bias, mlp_bias, tie_embeddings,
   dtype (compute), param_dtype, remat ('none' | 'full' | 'save_dots'), scan_layers,
   attention ('auto' | 'dense' | 'blockwise'), attention_block (query/key block for 'blockwise'),
@@ -26,6 +27,11 @@ def _base() -> ml_collections.ConfigDict:
       norm_eps=1e-5,
       position="rope",
       rope_theta=10000.0,
+      # RoPE frequency scaling for long context: type 'none' | 'linear' (positions / factor)
+      # | 'llama3' (Llama-3.1: low frequencies / factor, high kept, smooth in between).
+      rope_scaling=ml_collections.ConfigDict(dict(
+          type="none", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
+          original_max_length=8192)),
       max_length=2048,
       activation="swiglu",
       qkv_bias=False,

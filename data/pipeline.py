@@ -27,7 +27,8 @@ from data import packing
 from data import records
 from data import tfds_builder
 from data import tiny_world
-from data.tokenizer import Tokenizer, train_sentencepiece
+from data.tokenizer import (Tokenizer, copy_hf_tokenizer, is_hf_tokenizer,
+                            train_sentencepiece)
 
 SPLITS = ("train", "eval")
 
@@ -91,14 +92,25 @@ def _tiny_world_docs(split: str, num: int, domain: str) -> tuple:
 def resolve_tokenizer(data_config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
   """Loads `data_config.tokenizer`, or the workdir's own model, training it if absent.
 
-  Without a configured path the model is `{workdir}/tokenizer/spm.model`, trained once on
-  the training texts with `data_config.tokenizer_vocab_size` pieces and reused afterwards.
+  A configured tokenizer is also copied to `{workdir}/tokenizer/spm.model` (if absent), so
+  every run's folder holds the tokenizer its params belong to. Without a configured path the
+  model is `{workdir}/tokenizer/spm.model`, trained once on the training texts with
+  `data_config.tokenizer_vocab_size` pieces and reused afterwards.
   For a large corpus train one with `scripts/train_tokenizer.py` and set
   `config.data.tokenizer` instead.
   """
-  if data_config.tokenizer:
-    return Tokenizer.load(data_config.tokenizer)
   prefix = os.path.join(workdir, "tokenizer", "spm")
+  if data_config.tokenizer and is_hf_tokenizer(data_config.tokenizer):
+    # A converted model's tokenizer.json (models/convert): copied into the run like a .model.
+    return copy_hf_tokenizer(data_config.tokenizer, os.path.dirname(prefix))
+  if data_config.tokenizer:
+    with open(data_config.tokenizer, "rb") as f:
+      proto = f.read()
+    if not os.path.exists(prefix + ".model"):
+      # A copy in the run's own folder, where a later stage started from this run looks for
+      # it (configs/base.py tokenizer_of_run): pretrain -> SFT -> DPO chains keep one tokenizer.
+      _write_file_atomic(prefix + ".model", proto)
+    return Tokenizer(proto)
   if not os.path.exists(prefix + ".model"):
     logging.info("Training a %d-piece tokenizer into %s.model", data_config.tokenizer_vocab_size,
                  prefix)
@@ -110,6 +122,14 @@ def resolve_tokenizer(data_config: ml_collections.ConfigDict, workdir: str) -> T
                      f"config.data.tokenizer_vocab_size is {data_config.tokenizer_vocab_size};"
                      " delete it to retrain, or set config.data.tokenizer")
   return tok
+
+
+def _write_file_atomic(path: str, data: bytes) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
 
 
 class _Tokenize:

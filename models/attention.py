@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models.layers import apply_rope, dtype_of, param, rope_tables
+from models import kv_cache
+from models.layers import apply_rope, dtype_of, param, rope_scaling_of, rope_tables
 from parallel.rules import constrain
 
 # Large negative instead of -inf: a fully masked (padding) row then softmaxes to a finite
@@ -86,6 +87,7 @@ class Attention(nnx.Module):
     self.dtype = dtype_of(cfg.dtype)
     self.use_rope = cfg.position == "rope"
     self.rope_theta = cfg.rope_theta
+    self.rope_scaling = rope_scaling_of(cfg)
     self.causal = True
     self.impl = cfg.attention
     self.block = cfg.attention_block
@@ -111,14 +113,18 @@ class Attention(nnx.Module):
       y = y + bias[...].astype(self.dtype)
     return constrain(y, ("batch", "length", heads_axis, "act_head_dim"))
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """x `[batch, length, d_model]` -> `[batch, length, d_model]`."""
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
+               cache: kv_cache.KVCache | None = None):
+    """x `[batch, length, d_model]` -> `[batch, length, d_model]`; with `cache` (this layer's
+    slice) -> `(y, (k_new, v_new))`, see `_cached_call`."""
+    if cache is not None:
+      return self._cached_call(x, positions=positions, segment_ids=segment_ids, cache=cache)
     bias = lambda name: getattr(self, name) if self.qkv_bias else None
     q = self._project(x, self.q, bias("q_bias"), "act_heads")
     k = self._project(x, self.k, bias("k_bias"), "act_kv_heads")
     v = self._project(x, self.v, bias("v_bias"), "act_kv_heads")
     if self.use_rope:
-      cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+      cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.rope_scaling)
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     mask = segment_mask(segment_ids, segment_ids, causal=self.causal)
     scale = 1.0 / math.sqrt(self.head_dim)
@@ -135,3 +141,32 @@ class Attention(nnx.Module):
     if self.out_bias:
       y = y + self.o_bias[...].astype(self.dtype)
     return y
+
+  def _cached_call(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
+                   cache: kv_cache.KVCache):
+    """Attention of new tokens over a KV cache (prefill: many tokens, decode: one per row).
+
+    Args:
+      x: `[batch, new_len, d_model]`, the tokens after those in `cache`.
+      positions, segment_ids: `[batch, new_len]` of those tokens.
+      cache: this layer's slice of the cache before them (models/kv_cache.py).
+    Returns:
+      `(y [batch, new_len, d_model], (k_new, v_new))`: the caller stores the new keys / values
+      `[batch, new_len, kv_heads, head_dim]` (`kv_cache.append`, once for all layers).
+    """
+    if not self.causal:
+      raise ValueError("a KV cache serves causal attention only (decoders)")
+    bias = lambda name: getattr(self, name) if self.qkv_bias else None
+    q = self._project(x, self.q, bias("q_bias"), "act_heads")
+    k = self._project(x, self.k, bias("k_bias"), "act_kv_heads")
+    v = self._project(x, self.v, bias("v_bias"), "act_kv_heads")
+    if self.use_rope:
+      cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.rope_scaling)
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = kv_cache.attend(q, k, v, segment_ids, cache, 1.0 / math.sqrt(self.head_dim))
+    out = out * (segment_ids > 0)[:, :, None, None].astype(out.dtype)
+    out = constrain(out, ("batch", "length", "act_heads", "act_head_dim"))
+    y = jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(self.dtype))
+    if self.out_bias:
+      y = y + self.o_bias[...].astype(self.dtype)
+    return y, (k, v)

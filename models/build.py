@@ -15,10 +15,13 @@ import ml_collections
 from flax import nnx
 
 from models.decoder import Decoder
+from models.encoder import Encoder
+from models.heads import RewardModel
 
 Params = dict[str, Any]
 
-MODEL_CLASSES: dict[str, Callable[..., nnx.Module]] = {"decoder": Decoder}
+MODEL_CLASSES: dict[str, Callable[..., nnx.Module]] = {"decoder": Decoder, "encoder": Encoder,
+                                                       "reward": RewardModel}
 
 
 @dataclasses.dataclass(frozen=True)

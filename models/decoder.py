@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from models import kv_cache
 from models.attention import Attention
 from models.layers import MLP, dtype_of, make_norm, param
 from parallel.rules import constrain
@@ -40,11 +41,19 @@ class Block(nnx.Module):
     self.mlp_norm = make_norm(cfg.d_model, cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    x = x + self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
+               cache: kv_cache.KVCache | None = None):
+    """x -> x; with `cache` (this layer's slice) -> `(x, (k_new, v_new))` (see Attention)."""
+    if cache is None:
+      x = x + self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
+    else:
+      attn, new_kv = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
+                               cache=cache)
+      x = x + attn
     x = constrain(x, ("batch", "length", "act_embed"))
     x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, ("batch", "length", "act_embed"))
+    x = constrain(x, ("batch", "length", "act_embed"))
+    return x if cache is None else (x, new_kv)
 
 
 class BlockStack(nnx.Module):
@@ -65,7 +74,12 @@ class BlockStack(nnx.Module):
       self.layers = nnx.List([Block(cfg, rngs=rngs, causal=causal)
                               for _ in range(cfg.num_layers)])
 
-  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
+               cache: kv_cache.KVCache | None = None):
+    """x -> x; with a stacked `cache` -> `(x, cache)` updated by the new tokens."""
+    if cache is not None:
+      return self._cached_call(x, positions=positions, segment_ids=segment_ids, cache=cache)
+
     def apply_block(h, graphdef, state):
       return nnx.merge(graphdef, state)(h, positions=positions, segment_ids=segment_ids)
 
@@ -81,6 +95,28 @@ class BlockStack(nnx.Module):
       graphdef, state = nnx.split(block)
       x = apply_block(x, graphdef, state)
     return x
+
+  def _cached_call(self, x, *, positions, segment_ids, cache: kv_cache.KVCache):
+    # Inference only, so no remat. Layers only read their cache slice and hand back the new
+    # tokens' keys / values; one write after the last layer updates the big loop-carried
+    # buffers in place (see models/kv_cache.py).
+    def layer(h, block, k, v):
+      return block(h, positions=positions, segment_ids=segment_ids,
+                   cache=cache._replace(k=k, v=v))
+
+    if self.scan:
+      graphdef, state = nnx.split(self.layers)
+      def body(h, xs):
+        layer_state, k, v = xs
+        return layer(h, nnx.merge(graphdef, layer_state), k, v)
+      x, (k_new, v_new) = jax.lax.scan(body, x, (state, cache.k, cache.v))
+    else:
+      news = []
+      for i, block in enumerate(self.layers):
+        x, kv = layer(x, block, cache.k[i], cache.v[i])
+        news.append(kv)
+      k_new, v_new = (jnp.stack(parts) for parts in zip(*news))
+    return x, kv_cache.append(cache, k_new, v_new, segment_ids)
 
 
 class Decoder(nnx.Module):
@@ -102,9 +138,13 @@ class Decoder(nnx.Module):
     if not cfg.tie_embeddings:
       self.lm_head = param(rngs, init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
 
-  def hidden_states(self, tokens: jax.Array, *, positions: jax.Array,
-                    segment_ids: jax.Array) -> jax.Array:
-    """tokens `[batch, length]` int -> final-norm hidden states `[batch, length, d_model]`."""
+  def hidden_states(self, tokens: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
+                    cache: kv_cache.KVCache | None = None):
+    """tokens `[batch, length]` int -> final-norm hidden states `[batch, length, d_model]`.
+
+    With `cache` (models/kv_cache.py) the tokens fill its next slots and attend to everything
+    cached before them; returns `(hidden, updated cache)`.
+    """
     # Gather the table's feature dim first (as FSDP does for every weight) so the lookup's
     # output comes out batch-sharded instead of feature-sharded.
     table = constrain(self.embed[...], ("vocab", None))
@@ -112,6 +152,9 @@ class Decoder(nnx.Module):
     if self.config.position == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
+    if cache is not None:
+      x, cache = self.blocks(x, positions=positions, segment_ids=segment_ids, cache=cache)
+      return self.final_norm(x), cache
     x = self.blocks(x, positions=positions, segment_ids=segment_ids)
     return self.final_norm(x)
 
@@ -125,6 +168,11 @@ class Decoder(nnx.Module):
       out = jnp.einsum("bld,dv->blv", hidden, w, preferred_element_type=jnp.float32)
     return constrain(out, ("batch", "length", "act_vocab"))
 
-  def __call__(self, tokens: jax.Array, *, positions: jax.Array,
-               segment_ids: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
+               cache: kv_cache.KVCache | None = None):
+    """Logits `[batch, length, vocab]`; with `cache` -> `(logits, updated cache)`."""
+    if cache is not None:
+      hidden, cache = self.hidden_states(tokens, positions=positions, segment_ids=segment_ids,
+                                         cache=cache)
+      return self.logits(hidden), cache
     return self.logits(self.hidden_states(tokens, positions=positions, segment_ids=segment_ids))

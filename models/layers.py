@@ -65,9 +65,48 @@ def make_norm(dim: int, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nn
   raise ValueError(f"config.model.norm: unknown norm {cfg.norm!r} (rmsnorm | layernorm)")
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos/sin tables `[batch, length, head_dim // 2]` for rotary embeddings (Su et al., 2021)."""
+RopeScaling = tuple[str, float, float, float, float] | None
+
+
+def rope_scaling_of(cfg: ml_collections.ConfigDict) -> RopeScaling:
+  """`config.model.rope_scaling` as a hashable (type, factor, low_freq_factor,
+  high_freq_factor, original_max_length) tuple, or None when off (or absent in older configs)."""
+  scaling = cfg.get("rope_scaling")
+  if scaling is None or scaling.type == "none":
+    return None
+  if scaling.type not in ("linear", "llama3"):
+    raise ValueError(f"config.model.rope_scaling.type: unknown {scaling.type!r} "
+                     "(none | linear | llama3)")
+  return (scaling.type, float(scaling.factor), float(scaling.low_freq_factor),
+          float(scaling.high_freq_factor), float(scaling.original_max_length))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling = None) -> jax.Array:
+  """Rotary inverse frequencies `[head_dim // 2]`, optionally rescaled for long context.
+
+  'linear' divides every frequency by `factor` (position interpolation, Chen et al., 2023).
+  'llama3' (Llama 3.1, Meta 2024) keeps wavelengths shorter than
+  `original_max_length / high_freq_factor`, divides those longer than
+  `original_max_length / low_freq_factor` by `factor`, and interpolates smoothly between.
+  """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None:
+    return inv_freq
+  kind, factor, low, high, original = scaling
+  if kind == "linear":
+    return inv_freq / factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+  smooth = (original / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= original / high) & (wavelen <= original / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float,
+                scaling: RopeScaling = None) -> tuple[jax.Array, jax.Array]:
+  """cos/sin tables `[batch, length, head_dim // 2]` for rotary embeddings (Su et al., 2021)."""
+  inv_freq = rope_inv_freq(head_dim, theta, scaling)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq
   return jnp.cos(angles), jnp.sin(angles)
 

@@ -7,8 +7,13 @@ config change (`config.mesh.rules` and the mesh shape), never a code change.
 A logical name with no rule is an error that names the parameter path or activation: nothing is
 ever replicated silently because it was renamed.
 
+Every dimension of every parameter must carry a logical name (`None` is allowed only in
+activation constraints): a parameter the rules cannot place is an error naming its path.
+
 Parameter names:  vocab, embed, mlp, heads, kv_heads, head_dim, layers (scanned stack),
-                  norm (1-D scales and biases), max_length (learned position table).
+                  norm (1-D scales and biases), max_length (learned position table),
+                  score (the size-1 output of a scalar reward / value head; replicated),
+                  lora_rank (the rank dim of LoRA adapters, models/lora.py; replicated).
 Activation names: batch, length, act_embed, act_mlp, act_heads, act_kv_heads, act_head_dim,
                   act_vocab.
 """
@@ -17,17 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import traceback
 from typing import Any, Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "norm",
+              "max_length", "score", "lora_rank")
+ACTIVATION_AXES = ("batch", "length", "act_embed", "act_mlp", "act_heads", "act_kv_heads",
+                   "act_head_dim", "act_vocab")
 
 Rules = Mapping[str, tuple[str, ...]]
 
 _REPLICATED_PARAMS = dict(vocab=(), embed=(), mlp=(), heads=(), kv_heads=(), head_dim=(),
-                          layers=(), norm=(), max_length=())
+                          layers=(), norm=(), max_length=(), score=(), lora_rank=())
 _REPLICATED_ACTS = dict(length=(), act_embed=(), act_mlp=(), act_heads=(), act_kv_heads=(),
                         act_head_dim=(), act_vocab=())
 
@@ -88,20 +98,57 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, *, what: str = ""
   return P(*spec)
 
 
+def _is_names(x) -> bool:
+  return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
+
+
 def tree_shardings(logical_tree: Any, shapes: Any, mesh: Mesh, rules: Rules) -> Any:
-  """NamedShardings for a pytree of logical-name tuples (leaves) with matching shapes."""
-  is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
-  flat_names, treedef = jax.tree_util.tree_flatten_with_path(logical_tree, is_leaf=is_names)
+  """NamedShardings for a pytree of parameters' logical-name tuples (leaves) and their shapes.
+
+  Raises:
+    ValueError: a parameter dimension has no logical name, or its size does not divide.
+    KeyError: a logical name has no rule.
+  """
+  flat_names, treedef = jax.tree_util.tree_flatten_with_path(logical_tree, is_leaf=_is_names)
   flat_shapes = treedef.flatten_up_to(shapes)
   out = []
   for (path, names), shape in zip(flat_names, flat_shapes):
-    what = jax.tree_util.keystr(path)
+    what = f"parameter {jax.tree_util.keystr(path)}"
     shape = tuple(getattr(shape, "shape", shape))
     if len(names) != len(shape):
       raise ValueError(f"{what}: {len(names)} logical axes {names} for shape {shape}")
+    if None in names:
+      raise ValueError(f"{what} {shape} has no logical axis name for dimension "
+                       f"{names.index(None)} (axes {names}); name every dimension where the "
+                       "parameter is created so the rules can place it")
     out.append(NamedSharding(mesh, logical_to_spec(names, rules, what=what, shape=shape,
                                                    mesh=mesh)))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _format_axes(axes: Sequence[Any]) -> str:
+  # None (not sharded / no name) prints as '*'; several mesh axes on one dimension as 'a+b'.
+  return "(" + ", ".join("*" if a is None else "+".join(a) if isinstance(a, tuple) else str(a)
+                         for a in axes) + ")"
+
+
+def describe_layout(logical_tree: Any, abstract_tree: Any) -> str:
+  """One readable line per array: path, shape, dtype, logical axes, spec, per-device shard.
+
+  Args:
+    logical_tree: pytree of logical-name tuples (a `ModelSpec.logical_axes`).
+    abstract_tree: matching pytree of arrays or ShapeDtypeStructs with `.sharding` set.
+  """
+  flat_names, treedef = jax.tree_util.tree_flatten_with_path(logical_tree, is_leaf=_is_names)
+  rows = []
+  for (path, names), leaf in zip(flat_names, treedef.flatten_up_to(abstract_tree)):
+    spec = tuple(leaf.sharding.spec) + (None,) * (len(leaf.shape) - len(leaf.sharding.spec))
+    rows.append((".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path),
+                 str(tuple(leaf.shape)), str(leaf.dtype), _format_axes(names), _format_axes(spec),
+                 str(tuple(leaf.sharding.shard_shape(leaf.shape)))))
+  widths = [max(len(r[i]) for r in rows) for i in range(5)]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths + [0])).rstrip()
+                   for r in rows) + "\n"
 
 
 # The mesh and rules that activation constraints use while a step is traced.
@@ -125,7 +172,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if context is None:
     return x
   mesh, rules = context
-  spec = logical_to_spec(names, rules, what="activation", mesh=mesh)
+  try:
+    spec = logical_to_spec(names, rules, what=f"activation {tuple(x.shape)}", mesh=mesh)
+  except KeyError as e:
+    # Name where in the model the activation is constrained: the caller of `constrain`.
+    caller = traceback.extract_stack(limit=2)[0]
+    raise KeyError(f"{e.args[0]} (at {caller.filename}:{caller.lineno})") from None
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

@@ -23,10 +23,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  from training.loop import train_and_evaluate  # after flags: keeps --help fast
-  from training.metrics import quiet_library_logs
+  from training.metrics import quiet_library_logs  # after flags: keeps --help fast
+  from training.run import run_stage
   quiet_library_logs()
-  final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  final = run_stage(_CONFIG.value, _WORKDIR.value)
   logging.info("final: %s", {k: round(v, 4) for k, v in final.items()})
 
 

@@ -223,21 +223,45 @@ class Checkpointer:
     logging.info("Restored checkpoint for step %d from %s.", step, self.directory)
     return restored[_STATE_ITEM], restored.get(data_item)
 
+  def restore_data_states(self, step: int) -> list[dict]:
+    """Every process's saved data iterator state at `step`, by process index.
+
+    A run resumed on a different number of processes merges these (each process's state names
+    the data shards it read) instead of taking only its own.
+    """
+    self.wait()
+    step_dir = self.directory / str(step)
+    names = sorted((p.name for p in step_dir.iterdir() if p.name.startswith("data_")),
+                   key=lambda name: int(name.split("_")[1]))
+    if not names:
+      return []
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore() for name in names}))
+    return [restored[name] for name in names]
+
   @staticmethod
-  def restore_params(path: str, abstract_params: PyTree) -> PyTree:
+  def restore_params(path: str, abstract_params: PyTree, fresh_params: PyTree | None = None
+                     ) -> PyTree:
     """Restores only the `params` subtree of a checkpoint, e.g. an earlier stage's.
 
     The optimizer state and everything else in the checkpoint are not read, so they need not
-    match the current stage.
+    match the current stage; saved params that `abstract_params` lacks are ignored (a reward
+    model drops a decoder's LM head).
 
     Args:
       path: a workdir (its latest checkpoint), a checkpoints directory (its latest step) or a
         single step directory.
       abstract_params: pytree of `jax.ShapeDtypeStruct` with `.sharding` set, matching the
         saved `state["params"]`.
+      fresh_params: params (same structure) to take the leaves the checkpoint does not have
+        from, e.g. a new reward head on a pretrained decoder; without it a missing leaf is an
+        error.
 
     Returns:
       The params with `abstract_params`'s structure, dtypes and shardings.
+
+    Raises:
+      KeyError: the checkpoint lacks params of `abstract_params` and no `fresh_params`.
     """
     step_dir = _resolve_step_dir(path)
     target = {"params": abstract_params}
@@ -248,7 +272,16 @@ class Checkpointer:
     with ocp.PyTreeCheckpointer() as checkpointer:
       restored = checkpointer.restore(step_dir / _STATE_ITEM, args=args)
     logging.info("Restored params from %s.", step_dir)
-    return restored["params"]
+    # Orbax hands back the abstract leaf for a param the checkpoint does not have.
+    missing = lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct)
+    names = [jax.tree_util.keystr(p) for p, leaf in
+             jax.tree_util.tree_leaves_with_path(restored["params"]) if missing(leaf)]
+    if not names:
+      return restored["params"]
+    if fresh_params is None:
+      raise KeyError(f"{step_dir} has no params {names}")
+    logging.info("Params not in %s keep their fresh values: %s", step_dir, names)
+    return jax.tree.map(lambda r, f: f if missing(r) else r, restored["params"], fresh_params)
 
   def wait(self) -> None:
     """Blocks until all started saves are written (and old checkpoints pruned)."""

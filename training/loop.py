@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -20,10 +20,13 @@ from absl import logging
 
 import models  # noqa: F401  (sets flax's variable-sharding mode before any module is built)
 from data.pipeline import resolve_tokenizer
+from configs.base import run_dir
 from models.build import build_model_spec
 from models.flops import train_flops_per_token
+from models.lora import is_enabled as lora_enabled, make_lora_spec
 from objectives.reductions import add_metrics, finalize_metrics
 from parallel.distributed import maybe_initialize_distributed
+from parallel.host_data import ShardedBatches
 from parallel.mesh import make_mesh
 from parallel.rules import batch_sharding, get_rules, tree_shardings
 from training.checkpoint import Checkpointer
@@ -31,18 +34,21 @@ from training.metrics import MetricsWriter, format_progress
 from training.optimizer import make_optimizer
 from training.peak import total_peak_flops
 from training.stages import batch_tokens, get_stage
-from training.state import abstract_train_state, init_train_state, shardings_of
-from training.step import make_eval_step, make_train_step
+from training.state import (abstract_train_state, init_train_state, load_lora_base,
+                            shardings_of)
+from training.step import LORA_BASE, make_eval_step, make_train_step
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding
-                 ) -> dict[str, jax.Array]:
-  """Assembles the global batch from this host's rows (each host passes only its shard)."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+def global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
+                 size: int) -> dict[str, jax.Array]:
+  """Assembles the `size`-row global batch from this host's rows (each host passes only the
+  rows its devices hold)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v, (size,) + v.shape[1:])
+          for k, v in local.items()}
 
 
-def evaluate(eval_step, params, make_iter, steps: int, sharding, frozen_params=None
-             ) -> dict[str, float]:
+def evaluate(eval_step, params, make_iter, steps: int, sharding, size: int,
+             frozen_params=None) -> dict[str, float]:
   """Mean eval metrics over the first `steps` batches of a fresh eval iterator."""
   total = None
   iterator = make_iter()
@@ -51,7 +57,7 @@ def evaluate(eval_step, params, make_iter, steps: int, sharding, frozen_params=N
       local = next(iterator)
     except StopIteration:
       break
-    metrics = eval_step(params, global_batch(local, sharding), frozen_params)
+    metrics = eval_step(params, global_batch(local, sharding, size), frozen_params)
     total = metrics if total is None else add_metrics(total, metrics)
   if total is None:
     return {}
@@ -70,11 +76,21 @@ class EvalContext:
   workdir: str
 
 
-def load_frozen_models(stage, config, mesh, rules):
-  """Specs, params and shardings of the stage's frozen models, restored sharded by path."""
+def load_frozen_models(stage, config, mesh, rules, lora_base=None):
+  """Specs, params and shardings of the stage's frozen models, restored sharded by path.
+
+  `lora_base` (params, shardings) of a LoRA run's frozen base goes in under `LORA_BASE`, and a
+  frozen model that is the same checkpoint and model (the DPO / PPO reference) shares it.
+  """
   specs, params, shardings = {}, {}, {}
+  if lora_base is not None:
+    params[LORA_BASE], shardings[LORA_BASE] = lora_base
   for name, frozen in stage.frozen_models(config).items():
     spec = build_model_spec(frozen.model_config, frozen.kind)
+    if lora_base is not None and is_lora_base(frozen, config, spec, lora_base[0]):
+      specs[name], params[name], shardings[name] = spec, *lora_base
+      logging.info("frozen %s model shares the LoRA base's params", name)
+      continue
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           spec.shapes, tree_shardings(spec.logical_axes, spec.shapes, mesh, rules))
     specs[name] = spec
@@ -82,6 +98,14 @@ def load_frozen_models(stage, config, mesh, rules):
     shardings[name] = jax.tree.map(lambda a: a.sharding, target)
     logging.info("frozen %s model loaded from %s", name, frozen.path)
   return specs, params, shardings
+
+
+def is_lora_base(frozen, config, spec, base_params) -> bool:
+  """Whether a frozen model is the LoRA run's base: the same checkpoint and param shapes."""
+  same_path = os.path.abspath(run_dir(frozen.path)) == os.path.abspath(run_dir(config.init_from))
+  return same_path and jax.tree.structure(spec.shapes) == jax.tree.structure(base_params) and all(
+      a.shape == b.shape for a, b in zip(jax.tree.leaves(spec.shapes),
+                                         jax.tree.leaves(base_params)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -105,20 +129,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but config.model.vocab_size "
                      f"is {config.model.vocab_size}")
-  num_hosts, host = jax.process_count(), jax.process_index()
-  if config.data.global_batch_size % num_hosts:
-    raise ValueError(f"config.data.global_batch_size {config.data.global_batch_size} does not "
-                     f"divide over {num_hosts} hosts")
-  host_batch = config.data.global_batch_size // num_hosts
-  stage = get_stage(config.objective.name)
-  make_iter = lambda split, epochs: iter(stage.make_dataset(
-      config, tokenizer, split=split, batch_size=host_batch, shard_index=host,
-      shard_count=num_hosts, seed=config.seed, num_epochs=epochs, workdir=workdir))
-  train_iter: Iterator[Any] = make_iter("train", None)
   data_sharding = batch_sharding(mesh, rules)
+  global_size = config.data.global_batch_size
+  # Each host reads the data shards behind its rows of the batch (parallel/host_data.py). A
+  # fixed config.data.num_shards makes the batches the same on any number of hosts and any
+  # mesh; 0 (the default) gives one shard per host's block of rows.
+  stage = get_stage(config.objective.name)
+  if stage.prepare is not None:  # one-off work before any data is read (e.g. DPO's reference)
+    stage.prepare(config, tokenizer, mesh=mesh, rules=rules, workdir=workdir)
+  make_iter = lambda split, epochs: ShardedBatches.for_sharding(
+      lambda index, count, rows: iter(stage.make_dataset(
+          config, tokenizer, split=split, batch_size=rows, shard_index=index, shard_count=count,
+          seed=config.seed, num_epochs=epochs, workdir=workdir)),
+      data_sharding, global_size, config.data.get("num_shards", 0))
+  train_iter = make_iter("train", None)
+  logging.info("this host reads data shards %s of %d", train_iter.shards, train_iter.num_shards)
 
   # --- Model, optimizer, state ------------------------------------------------------------
-  spec = build_model_spec(config.model, stage.model_kind)
+  spec = base_spec = build_model_spec(config.model, stage.model_kind)
+  use_lora = lora_enabled(config)
+  if use_lora:  # the state trains adapters (and heads); the base stays frozen
+    spec = make_lora_spec(base_spec, config.lora)
   total_steps = config.train.steps
   optimizer, schedule = make_optimizer(config.optimizer, total_steps)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -128,15 +159,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   abstract_state = abstract_train_state(spec, optimizer, mesh, rules)
   shardings = shardings_of(abstract_state)
   if checkpointer.latest_step() is not None:
-    state, data_state = checkpointer.restore(None, abstract_state)
-    if data_state is not None:
-      train_iter.set_state(data_state)
+    state, _ = checkpointer.restore(None, abstract_state)
+    # Every host's saved shard states, merged: the shards may now be read by other hosts.
+    data_states = checkpointer.restore_data_states(checkpointer.latest_step())
+    try:
+      train_iter.set_state(data_states)
+    except ValueError as e:
+      logging.warning("data iterator starts afresh: %s", e)
     logging.info("resumed from step %d", int(state["step"]))
   else:
     state = init_train_state(spec, optimizer, abstract_state, config.seed)
     if config.init_from:
-      params = checkpointer.restore_params(config.init_from, abstract_state["params"])
-      state = dict(state, params=params)
+      # Params the earlier run lacks (a reward head on a decoder) keep their fresh init. With
+      # LoRA the adapters start fresh; only heads (a reward model's score) can be restored.
+      keep = spec.heads if use_lora else tuple(state["params"])
+      if keep:
+        params = checkpointer.restore_params(
+            config.init_from, {k: abstract_state["params"][k] for k in keep},
+            fresh_params={k: state["params"][k] for k in keep})
+        state = dict(state, params={**state["params"], **params})
       logging.info("params initialised from %s", config.init_from)
 
   start_step = int(state["step"])
@@ -145,7 +186,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          else None)
   writer.write_hparams(config.to_dict())
 
-  frozen_specs, frozen_params, frozen_shardings = load_frozen_models(stage, config, mesh, rules)
+  lora_base = load_lora_base(spec, config.init_from, mesh, rules) if use_lora else None
+  frozen_specs, frozen_params, frozen_shardings = load_frozen_models(stage, config, mesh, rules,
+                                                                     lora_base)
 
   # --- Steps ------------------------------------------------------------------------------
   frozen_kwargs = dict(frozen_specs=frozen_specs, frozen_shardings=frozen_shardings)
@@ -163,14 +206,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   end = total_steps if stop_after is None else min(stop_after, total_steps)
   while step < end:
     local = next(train_iter)
-    state, metrics = train_step(state, global_batch(local, data_sharding), frozen_params)
+    state, metrics = train_step(state, global_batch(local, data_sharding, global_size),
+                                frozen_params)
     step += 1
     if window_start is None:
       # The first step of a process compiles; time from its end.
       jax.block_until_ready(state["step"])
       window_start = time.perf_counter()
     else:
-      window_tokens += batch_tokens(local) * num_hosts
+      window_tokens += batch_tokens(local) * global_size // len(local["inputs"])
     window = metrics if window is None else add_metrics(window, metrics)
     checkpointer.save(step, state, train_iter.get_state())
     record = {}
@@ -183,10 +227,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       window, window_tokens, window_start = None, 0, time.perf_counter()
     if config.train.eval_every and (step % config.train.eval_every == 0 or step == total_steps):
       record.update(evaluate(eval_step, state["params"], lambda: make_iter("eval", None),
-                             config.train.eval_steps, data_sharding, frozen_params))
+                             config.train.eval_steps, data_sharding, global_size,
+                             frozen_params))
       if stage.evaluate is not None:
-        record.update(stage.evaluate(EvalContext(config, tokenizer, spec, state["params"], mesh,
-                                                 rules, workdir)))
+        eval_spec, eval_params = spec, state["params"]
+        if use_lora:  # stage evaluations (generation) see the merged model
+          eval_spec, eval_params = base_spec, jax.jit(spec.merge)(lora_base[0], eval_params)
+        record.update(stage.evaluate(EvalContext(config, tokenizer, eval_spec, eval_params,
+                                                 mesh, rules, workdir)))
       if window_start is not None:
         window_start = time.perf_counter()  # evaluation time is not training throughput
     if record:

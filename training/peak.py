@@ -22,7 +22,7 @@ _BF16_PEAKS = {
 def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10,
                          device: jax.Device | None = None) -> float:
   """Sustained FLOP/s of an `n x n @ n x n` matmul chain on one device."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   a = jax.device_put(jnp.ones((n, n), dtype) / n, device)
 
   @jax.jit
@@ -42,7 +42,7 @@ def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10,
 
 def device_peak_flops(dtype: str = "bfloat16") -> float:
   """Peak FLOP/s of one local device: the vendor number when known, else measured."""
-  device = jax.devices()[0]
+  device = jax.local_devices()[0]
   kind = getattr(device, "device_kind", "")
   if device.platform != "cpu":
     for name, peak in _BF16_PEAKS.items():

@@ -17,10 +17,17 @@ import optax
 from jax.sharding import Mesh
 
 from models.build import ModelSpec
+from models.lora import LoraSpec
 from objectives.reductions import Metrics, add_metrics
 from parallel.rules import Rules, batch_sharding, constrain, use_mesh_rules
 from training.stages import LossFn
 from training.state import TrainState
+
+
+# frozen_params key of a LoRA run's frozen base model (training/state.py `load_lora_base`).
+LORA_BASE = "lora_base"
+# Folded into the step's RNG for the adapter dropout, independent of the stage's own draws.
+_LORA_SALT = 0x10A
 
 
 def _split_micro_batches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
@@ -40,6 +47,16 @@ def bind_frozen(frozen_specs: dict[str, ModelSpec], frozen_params: dict[str, Any
           for name in frozen_specs}
 
 
+def bind_trained(spec: ModelSpec | LoraSpec, params: Any, frozen_params: dict[str, Any],
+                 rng: jax.Array | None = None):
+  """The model being trained. For LoRA (`spec` a models/lora.py `LoraSpec`) `params` are the
+  adapters (and heads) and the frozen base comes in as `frozen_params[LORA_BASE]`; `rng`
+  draws the adapter dropout (None: none, as in evaluation)."""
+  if isinstance(spec, LoraSpec):
+    return spec.bind(params, jax.lax.stop_gradient(frozen_params[LORA_BASE]), rng)
+  return spec.bind(params)
+
+
 def make_train_step(spec: ModelSpec, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, objective_cfg: ml_collections.ConfigDict, *,
                     mesh: Mesh, rules: Rules, shardings: TrainState, grad_accum_steps: int = 1,
@@ -55,7 +72,8 @@ def make_train_step(spec: ModelSpec, loss_fn: LossFn, optimizer: optax.GradientT
 
   def loss_sum(params, batch, rng, frozen_params):
     frozen = bind_frozen(frozen_specs, frozen_params)
-    per_token, metrics = loss_fn(spec.bind(params), batch, rng, objective_cfg, frozen)
+    model = bind_trained(spec, params, frozen_params, jax.random.fold_in(rng, _LORA_SALT))
+    per_token, metrics = loss_fn(model, batch, rng, objective_cfg, frozen)
     del per_token
     return metrics["loss"][0], metrics
 
@@ -96,7 +114,11 @@ def make_train_step(spec: ModelSpec, loss_fn: LossFn, optimizer: optax.GradientT
   data_sharding = batch_sharding(mesh, rules)
   jitted = jax.jit(step, in_shardings=(shardings, data_sharding, frozen_shardings or {}),
                    out_shardings=(shardings, None), donate_argnums=(0,) if donate else ())
-  return lambda state, batch, frozen_params=None: jitted(state, batch, frozen_params or {})
+  run = lambda state, batch, frozen_params=None: jitted(state, batch, frozen_params or {})
+  # Ahead-of-time compilation (scripts/compile_check.py) lowers this very step from shapes.
+  run.lower = lambda state, batch, frozen_params=None: jitted.lower(state, batch,
+                                                                    frozen_params or {})
+  return run
 
 
 def make_eval_step(spec: ModelSpec, loss_fn: LossFn, objective_cfg: ml_collections.ConfigDict,
@@ -109,8 +131,8 @@ def make_eval_step(spec: ModelSpec, loss_fn: LossFn, objective_cfg: ml_collectio
   def eval_step(params, batch, frozen_params):
     with use_mesh_rules(mesh, rules):
       frozen = bind_frozen(frozen_specs, frozen_params)
-      _, metrics = loss_fn(spec.bind(params), batch, jax.random.PRNGKey(0), objective_cfg,
-                           frozen)
+      _, metrics = loss_fn(bind_trained(spec, params, frozen_params), batch,
+                           jax.random.PRNGKey(0), objective_cfg, frozen)
       return metrics
 
   jitted = jax.jit(eval_step, in_shardings=(params_shardings, batch_sharding(mesh, rules),

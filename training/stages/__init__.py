@@ -8,6 +8,10 @@ A `Stage` bundles:
       num_epochs, workdir) -> a grain dataset of packed batches for this host.
   frozen_models(config) -> {name: FrozenModel} to load once from a checkpoint, never train.
   evaluate(context) -> extra held-out metrics at eval steps (e.g. greedy-generation accuracy).
+  prepare(config, tokenizer, *, mesh, rules, workdir) -> None: one-off work before any data is
+      read (e.g. DPO's pass of the reference model over the data, cached in the workdir).
+  train(config, workdir) -> final metrics: a loop of its own instead of training/loop.py's
+      (the RL stages of training/rl: sample, score, update).
 The objectives themselves (objectives/) never see a model: the stage's loss_fn is the small
 adapter that runs the forward passes and hands arrays to the objective.
 
@@ -47,11 +51,22 @@ class Stage:
   frozen_models: Callable[[ml_collections.ConfigDict], dict[str, FrozenModel]] = (
       lambda config: {})
   evaluate: Callable[..., dict[str, float]] | None = None
+  prepare: Callable[..., None] | None = None
+  # A loop of its own, `train(config, workdir) -> final metrics`, run by scripts/train.py
+  # instead of training/loop.py's (the RL stages: sample, score, update; training/rl).
+  train: Callable[..., dict[str, float]] | None = None
 
 
 def _registry() -> dict[str, Stage]:
   from training.stages import clm
-  return {stage.name: stage for stage in (clm.STAGE,)}
+  from training.stages import distill
+  from training.stages import dpo
+  from training.stages import mlm
+  from training.stages import reward
+  from training.stages import sft
+  from training.rl import stages as rl_stages
+  return {stage.name: stage for stage in (clm.STAGE, mlm.STAGE, distill.STAGE, sft.STAGE,
+                                          reward.STAGE, dpo.STAGE, *rl_stages.make_stages())}
 
 
 def get_stage(name: str) -> Stage:

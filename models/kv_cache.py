@@ -1,0 +1,132 @@
+"""Key/value cache for incremental decoding, and attention of new tokens over it.
+
+One `KVCache` serves the whole decoder: keys and values of every layer stacked along a leading
+`layers` axis, the segment id of every cache slot, and the slot the next token is written to.
+All rows of a batch advance in lockstep: prompts are left-padded to one length, so slot `index`
+is the same for every row.
+
+    k, v          [layers, batch, kv_heads, cache_len, head_dim]
+    segment_ids   [batch, cache_len]   0 = empty slot or prompt padding (never attended)
+    index         []                   slot of the next token written
+
+Head-major layout: a decode step's attention is then one batched matrix-vector product per
+(row, kv head) over contiguous memory; with the `[batch, length, heads, ...]` layout of
+training, XLA:CPU transposes the whole cache first and decoding is ~9x slower.
+
+A step: each layer attends from the new tokens to its cached slots plus the new tokens
+themselves (`attend`) and hands back their keys / values; after the last layer `append`
+writes all layers' new entries at `index` at once. Inside the layer stack the cache is only
+read, so the big buffers are written once per step, in place (a loop-carried update).
+
+A query of segment `s` sees the cached slots `j < index` of segment `s` and the new tokens of
+segment `s` at or before it: padding and unwritten slots carry segment 0 and are never seen,
+so a left-padded row computes exactly what it computes alone.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from models.layers import dtype_of
+from parallel.rules import Rules, constrain, tree_shardings
+
+# Logical names: the activation names attention already uses, so every rules preset covers
+# them (`layers` is the scanned-stack parameter name, replicated by every preset).
+KV_AXES = ("layers", "batch", "act_kv_heads", "length", "act_head_dim")
+
+# As in models/attention.py: a masked logit, finite so that a fully masked row stays finite.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class KVCache(NamedTuple):
+  """The stacked cache; inside a layer, the same tuple holds that layer's `k, v` slices
+  `[batch, kv_heads, cache_len, head_dim]`."""
+  k: jax.Array
+  v: jax.Array
+  segment_ids: jax.Array
+  index: jax.Array
+
+
+def cache_logical_axes() -> KVCache:
+  """Logical axis names of each field of a (stacked) `KVCache`."""
+  return KVCache(k=KV_AXES, v=KV_AXES, segment_ids=("batch", "length"), index=())
+
+
+def cache_shapes(cfg: ml_collections.ConfigDict, batch: int, length: int) -> KVCache:
+  """`jax.ShapeDtypeStruct`s of a cache of `length` slots for model config `cfg`."""
+  head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
+  kv = jax.ShapeDtypeStruct((cfg.num_layers, batch, cfg.num_kv_heads, length, head_dim),
+                            dtype_of(cfg.dtype))
+  return KVCache(k=kv, v=kv, segment_ids=jax.ShapeDtypeStruct((batch, length), jnp.int32),
+                 index=jax.ShapeDtypeStruct((), jnp.int32))
+
+
+def cache_shardings(cfg: ml_collections.ConfigDict, batch: int, length: int, mesh, rules: Rules
+                    ) -> KVCache:
+  """NamedShardings of a cache on `mesh` by `rules` (batch split, heads split under TP)."""
+  return tree_shardings(cache_logical_axes(), cache_shapes(cfg, batch, length), mesh, rules)
+
+
+def init_cache(cfg: ml_collections.ConfigDict, batch: int, length: int) -> KVCache:
+  """An empty cache (every slot segment 0, index 0), sharded by the active mesh rules."""
+  shapes, axes = cache_shapes(cfg, batch, length), cache_logical_axes()
+  return KVCache(*(constrain(jnp.zeros(s.shape, s.dtype), names)
+                   for s, names in zip(shapes, axes)))
+
+
+def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Array,
+           layer: KVCache, scale: float) -> jax.Array:
+  """Softmax attention of new tokens over one layer's cached slots and over each other.
+
+  Args:
+    q: `[batch, new_len, heads, head_dim]` queries of the new tokens.
+    k_new, v_new: `[batch, new_len, kv_heads, head_dim]` their keys / values.
+    q_segments: `[batch, new_len]` their segment ids (0: padding, attends nowhere).
+    layer: this layer's cache before the new tokens (k, v head-major).
+    scale: logit multiplier (1 / sqrt(head_dim)).
+  Returns:
+    `[batch, new_len, heads, head_dim]`, in q's dtype.
+  """
+  b, n, h, d = q.shape
+  kh = k_new.shape[2]
+  q = q.reshape(b, n, kh, h // kh, d)
+  f32 = jnp.float32
+  old = jnp.einsum("bnkgd,bksd->bkgns", q, layer.k, preferred_element_type=f32) * scale
+  new = jnp.einsum("bnkgd,bmkd->bkgnm", q, k_new, preferred_element_type=f32) * scale
+  valid = q_segments[:, :, None] > 0
+  slots = jnp.arange(layer.segment_ids.shape[1])
+  old_mask = ((layer.segment_ids[:, None, :] == q_segments[:, :, None]) & valid
+              & (slots < layer.index)[None, None, :])
+  causal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
+  new_mask = (q_segments[:, :, None] == q_segments[:, None, :]) & valid & causal[None]
+  logits = jnp.concatenate([jnp.where(old_mask[:, None, None], old, _MASK_VALUE),
+                            jnp.where(new_mask[:, None, None], new, _MASK_VALUE)], axis=-1)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_new.dtype)
+  cache_len = layer.k.shape[2]
+  out = (jnp.einsum("bkgns,bksd->bnkgd", probs[..., :cache_len], layer.v)
+         + jnp.einsum("bkgnm,bmkd->bnkgd", probs[..., cache_len:], v_new))
+  return out.reshape(b, n, h, d).astype(q.dtype)
+
+
+def append(cache: KVCache, k_new: jax.Array, v_new: jax.Array, segment_ids: jax.Array
+           ) -> KVCache:
+  """Writes every layer's new keys / values and the tokens' segment ids at `index`, and
+  advances it.
+
+  Args:
+    cache: the stacked cache.
+    k_new, v_new: `[layers, batch, new_len, kv_heads, head_dim]`.
+    segment_ids: `[batch, new_len]`.
+  """
+  start = (0, 0, 0, cache.index, 0)
+  head_major = lambda x, like: jnp.swapaxes(x, 2, 3).astype(like.dtype)
+  k = jax.lax.dynamic_update_slice(cache.k, head_major(k_new, cache.k), start)
+  v = jax.lax.dynamic_update_slice(cache.v, head_major(v_new, cache.v), start)
+  seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                     (0, cache.index))
+  return KVCache(k=constrain(k, KV_AXES), v=constrain(v, KV_AXES), segment_ids=seg,
+                 index=cache.index + segment_ids.shape[1])

@@ -1,0 +1,267 @@
+"""Autoregressive sampling with a KV cache: one prefill pass, then a jitted decode loop.
+
+    prompts (left-padded to a bucketed length P) --prefill--> cache + logits of the last token
+    sample token 0; while step < max_new_tokens and some row is not done:
+        feed the last token (slot P + step - 1) --decode--> logits; sample the next token
+
+Each row's positions count from its first real token and its padding has segment id 0, so a
+left-padded row generates exactly what it generates alone. The whole loop is one
+`jax.lax.while_loop` inside one jitted function (no Python per token); it ends when every row
+has emitted `eos_id` or one of `stop_ids`, or after `max_new_tokens`.
+
+Sampling: `temperature == 0` is greedy (argmax); otherwise the logits are divided by the
+temperature, cut to the `top_k` largest (0: all) and to the smallest set whose probability
+reaches `top_p` (nucleus sampling, Holtzman et al., 2020; 1.0: all), and sampled.
+
+Log-probs: `log_probs[b, t] = log softmax(logits)[token]` of the *unmodified* model distribution
+(temperature 1, no top-k / top-p cut), i.e. what a training forward pass over the same tokens
+gives: the behaviour log-probs RL objectives need, whatever the sampling settings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import kv_cache
+from models.build import ModelSpec, Params
+from parallel.rules import Rules, batch_sharding, constrain, logical_to_spec, use_mesh_rules
+
+PROMPT_BUCKET = 64
+
+
+class SampleOutput(NamedTuple):
+  """Numpy arrays; `[batch, max_new_tokens]` unless noted.
+
+  tokens: int32 sampled tokens, `pad_id` after a row stopped.
+  log_probs: float32 log-prob of each token under the model's unmodified (temperature-1)
+    distribution; 0 where `mask` is 0.
+  mask: float32, 1 for generated tokens (the stop / EOS token included), 0 after.
+  lengths: `[batch]` int32, tokens generated per row (= mask.sum(-1)).
+  """
+  tokens: np.ndarray
+  log_probs: np.ndarray
+  mask: np.ndarray
+  lengths: np.ndarray
+
+
+def check_settings(temperature: float, top_k: int, top_p: float) -> None:
+  if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+    raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+                     f"temperature {temperature}, top_k {top_k}, top_p {top_p}")
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: float, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+  """Draws one token per row from float32 `logits [batch, vocab]` -> `[batch]` int32.
+
+  `temperature == 0` is greedy. Tokens tied with the k-th largest logit (or with the last
+  logit inside the nucleus) are kept too.
+  """
+  check_settings(temperature, top_k, top_p)
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if 0 < top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token while the probability of the tokens ranked above it is below top_p: the
+    # most likely token is always kept.
+    before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(before < top_p, sorted_logits, jnp.inf)
+    logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts -> (tokens `[batch, length]` int32 left-padded with `pad_id`, lengths `[batch]`)."""
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  for row, prompt in enumerate(prompts):
+    if len(prompt):
+      tokens[row, length - len(prompt):] = prompt
+  return tokens, lengths
+
+
+def prompt_inputs(tokens: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(positions, segment_ids) `[batch, length]` of left-padded prompts: positions count from
+  each row's first real token (0 on padding), segment 1 on real tokens and 0 on padding."""
+  pad = tokens.shape[1] - lengths[:, None]
+  slot = jnp.arange(tokens.shape[1])[None, :]
+  real = slot >= pad
+  return jnp.where(real, slot - pad, 0).astype(jnp.int32), real.astype(jnp.int32)
+
+
+def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: int = 0,
+                 stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, mesh=None, rules: Rules | None = None
+                 ) -> Callable[..., dict[str, jax.Array]]:
+  """A jitted `sample(params, prompt_tokens, prompt_lengths, rng) -> dict` for RL loops.
+
+  Args of the returned function:
+    params: the model's params (any sharding; sharded params stay where they are).
+    prompt_tokens: `[batch, prompt_len]` int32, left-padded (see `left_pad`); every row holds
+      at least one real token. Each new `prompt_len` or batch size compiles once.
+    prompt_lengths: `[batch]` int32 real tokens per row.
+    rng: PRNG key (unused when greedy).
+  Returns of the returned function: a dict of device arrays `tokens`, `log_probs`, `mask`,
+  `lengths` as in `SampleOutput`.
+
+  With `mesh` and `rules` the computation is traced under `use_mesh_rules`, so activations and
+  the cache are sharded like training's (batch over the data axes, heads over `tensor`); the
+  batch must then divide over the mesh axes that `batch` maps to.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if (mesh is None) != (rules is None):
+    raise ValueError("pass both mesh and rules, or neither")
+  check_settings(temperature, top_k, top_p)
+  sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+  stops = np.asarray(sorted({int(eos_id), *map(int, stop_ids)}), np.int32)
+  cfg = spec.config
+
+  def draw(logits, rng, step):
+    """(token, unmodified log-prob, is_stop) for logits `[batch, vocab]`."""
+    logits = constrain(logits.astype(jnp.float32), ("batch", "act_vocab"))
+    token = sample_logits(logits, jax.random.fold_in(rng, step), **sample_kw)
+    log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None],
+                                   axis=-1)[:, 0]
+    return token, log_prob, jnp.isin(token, stops)
+
+  def sample(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
+             rng: jax.Array) -> dict[str, jax.Array]:
+    model = spec.bind(params)
+    batch, prompt_len = prompt_tokens.shape
+    prompt_lengths = prompt_lengths.astype(jnp.int32)
+    positions, segment_ids = prompt_inputs(prompt_tokens, prompt_lengths)
+    cache = kv_cache.init_cache(cfg, batch, prompt_len + max_new_tokens - 1)
+    hidden, cache = model.hidden_states(prompt_tokens, positions=positions,
+                                        segment_ids=segment_ids, cache=cache)
+    token, log_prob, stop = draw(model.logits(hidden[:, -1:])[:, 0], rng, 0)
+    tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+    log_probs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(log_prob)
+    mask = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(1.0)
+
+    def cond(state):
+      step, _, _, done, *_ = state
+      return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+      step, cache, last, done, tokens, log_probs, mask = state
+      # The previous token sits at position length + step - 1 of its row.
+      pos = (prompt_lengths + step - 1)[:, None]
+      logits, cache = model(last[:, None], positions=pos,
+                            segment_ids=jnp.ones_like(pos), cache=cache)
+      token, log_prob, stop = draw(logits[:, 0], rng, step)
+      live = ~done
+      token = jnp.where(live, token, pad_id)
+      tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+      log_probs = jax.lax.dynamic_update_slice(
+          log_probs, jnp.where(live, log_prob, 0.0)[:, None], (0, step))
+      mask = jax.lax.dynamic_update_slice(mask, live.astype(jnp.float32)[:, None], (0, step))
+      return step + 1, cache, token, done | (live & stop), tokens, log_probs, mask
+
+    state = (jnp.int32(1), cache, token, stop, tokens, log_probs, mask)
+    _, _, _, _, tokens, log_probs, mask = jax.lax.while_loop(cond, body, state)
+    return dict(tokens=tokens, log_probs=log_probs, mask=mask,
+                lengths=mask.sum(-1).astype(jnp.int32))
+
+  if mesh is None:
+    return jax.jit(sample)
+
+  def sharded_sample(*args):
+    with use_mesh_rules(mesh, rules):
+      return sample(*args)
+  return jax.jit(sharded_sample)
+
+
+# Compiled samplers by (spec, mesh, settings): `generate` called in a loop compiles once per
+# prompt bucket and batch size. Entries hold the spec and mesh, so their ids are never reused.
+_SAMPLERS: dict[tuple, tuple[ModelSpec, Callable, Any]] = {}
+_MAX_SAMPLERS = 16
+
+
+def _cached_sampler(spec: ModelSpec, mesh, rules, **settings) -> Callable:
+  rules_key = None if rules is None else tuple(sorted((k, tuple(v)) for k, v in rules.items()))
+  key = (id(spec), id(mesh), rules_key, tuple(sorted(settings.items())))
+  if key in _SAMPLERS and _SAMPLERS[key][0] is spec and _SAMPLERS[key][2] is mesh:
+    return _SAMPLERS[key][1]
+  if len(_SAMPLERS) >= _MAX_SAMPLERS:
+    _SAMPLERS.pop(next(iter(_SAMPLERS)))
+  fn = make_sampler(spec, mesh=mesh, rules=rules, **settings)
+  _SAMPLERS[key] = (spec, fn, mesh)
+  return fn
+
+
+def check_length(spec: ModelSpec, prompt_len: int, max_new_tokens: int) -> None:
+  """Learned position tables end at `config.model.max_length`: prompt + new tokens must fit."""
+  cfg = spec.config
+  if cfg.position == "learned" and prompt_len + max_new_tokens > cfg.max_length:
+    raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds "
+                     f"config.model.max_length {cfg.max_length} (learned positions)")
+
+
+def generate(spec: ModelSpec, params: Params, prompts: list[list[int]], *, max_new_tokens: int,
+             eos_id: int, pad_id: int = 0, stop_ids: Sequence[int] = (),
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             rng: jax.Array | None = None, mesh=None, rules: Rules | None = None,
+             prompt_bucket: int = PROMPT_BUCKET) -> SampleOutput:
+  """Continues each prompt by up to `max_new_tokens` tokens.
+
+  Args:
+    spec: the model's spec (models/build.py).
+    params: its params, plain or sharded on `mesh`.
+    prompts: token ids per prompt (each non-empty; BOS included if the model expects one).
+    max_new_tokens: tokens generated per row at most.
+    eos_id: a row stops after emitting it (the token itself is kept, mask 1).
+    pad_id: fills the prompt padding and `tokens` after a row stopped.
+    stop_ids: more tokens that end a row like `eos_id` (e.g. a chat end-of-turn symbol).
+    temperature: 0 is greedy; else sampling temperature (see the module docstring).
+    top_k: keep the k most likely tokens (0: all).
+    top_p: nucleus probability mass (1.0: all).
+    rng: PRNG key; None uses `PRNGKey(0)`.
+    mesh, rules: run sharded (batch and heads as in training); both or neither.
+    prompt_bucket: prompts are left-padded to a multiple of this, so nearby lengths share one
+      compiled sampler.
+  Returns:
+    `SampleOutput` of numpy arrays (see there); `log_probs` are temperature-1 log-probs.
+  Raises:
+    ValueError: an empty prompt, or (learned positions) a prompt + `max_new_tokens` longer
+      than `config.model.max_length`.
+  """
+  if not prompts:
+    raise ValueError("no prompts")
+  for i, prompt in enumerate(prompts):
+    if len(prompt) == 0:
+      raise ValueError(f"prompt {i} is empty")
+  longest = max(len(p) for p in prompts)
+  check_length(spec, longest, max_new_tokens)
+  padded_len = prompt_bucket * math.ceil(longest / prompt_bucket)
+  rows = list(prompts)
+  if mesh is not None:
+    # The batch splits over the mesh axes `batch` maps to: fill it up with copies of the first
+    # prompt (their outputs are dropped).
+    spec_axes = logical_to_spec(("batch",), rules, mesh=mesh)[0] or ()
+    spec_axes = (spec_axes,) if isinstance(spec_axes, str) else spec_axes
+    shards = math.prod(mesh.shape[a] for a in spec_axes)
+    rows += [rows[0]] * (-len(rows) % shards)
+  tokens, lengths = left_pad(rows, padded_len, pad_id)
+  if mesh is not None:
+    tokens = jax.device_put(tokens, batch_sharding(mesh, rules))
+    lengths = jax.device_put(lengths, batch_sharding(mesh, rules, ndim=1))
+  sampler = _cached_sampler(spec, mesh, rules, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                            pad_id=pad_id, stop_ids=tuple(stop_ids), temperature=temperature,
+                            top_k=top_k, top_p=top_p)
+  out = sampler(params, tokens, lengths, jax.random.PRNGKey(0) if rng is None else rng)
+  n = len(prompts)
+  out = {k: np.asarray(jax.device_get(v))[:n] for k, v in out.items()}
+  return SampleOutput(tokens=out["tokens"], log_probs=out["log_probs"], mask=out["mask"],
+                      lengths=out["lengths"])

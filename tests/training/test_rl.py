@@ -1,0 +1,182 @@
+"""The RL loop end to end on a shrunken model: PPO, GRPO and online DPO iterations, metrics,
+the first update's ratio of exactly 1, checkpoints that load as a decoder, and resume."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import models  # noqa: F401
+from configs import grpo as grpo_config
+from configs import online_dpo as online_dpo_config
+from configs import ppo as ppo_config
+from data import tiny_world
+from data.tokenizer import train_sentencepiece
+from models.build import build_model_spec
+from training.checkpoint import Checkpointer
+from training.metrics import CONFIG_FILE, read_metrics
+from data.pipeline import resolve_tokenizer
+from training.rl.loop import RLTrainer, minibatch_plan, train_rl
+from training.rl.rollout import build_rows, fit_prompt, load_prompts, prompt_batch
+from training.stages import get_stage
+
+VOCAB = 384
+SMALL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+             vocab_size=VOCAB)
+
+
+def shrink(config, base_dir, reward_dir, steps):
+  config.init_from = base_dir
+  config.model.update(SMALL)
+  config.data.update(dict(tiny_task_train_records=64, tiny_task_eval_records=32,
+                          tokenizer_vocab_size=VOCAB))
+  config.rl.update(dict(prompts_per_iteration=8, max_prompt_len=32, max_new_tokens=6,
+                        epochs=2, minibatches=2))
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  config.train.update(dict(steps=steps, eval_every=steps, log_every=1))
+  config.checkpoint.update(dict(every_steps=1, async_save=False, max_to_keep=5))
+  config.optimizer.update(dict(lr=1e-3, warmup_steps=1))
+  config.eval.update(dict(num_prompts=8, max_new_tokens=6, batch_size=8))
+  if reward_dir:
+    config.reward.model = reward_dir
+  return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A stand-in SFT run (tokenizer + random decoder params) and reward-model run."""
+  base = tmp_path_factory.mktemp("sft")
+  train_sentencepiece(tiny_world.generate_documents("train", 1500),
+                      str(base / "tokenizer" / "spm"), VOCAB)
+  config = shrink(ppo_config.get_config("tiny"), str(base), "", 1)
+  spec = build_model_spec(config.model)
+  with Checkpointer(str(base / "checkpoints"), async_save=False) as ckpt:
+    ckpt.save(1, {"params": spec.init(jax.random.PRNGKey(1))}, force=True)
+  reward = tmp_path_factory.mktemp("reward")
+  reward_spec = build_model_spec(config.model, "reward")
+  with Checkpointer(str(reward / "checkpoints"), async_save=False) as ckpt:
+    ckpt.save(1, {"params": reward_spec.init(jax.random.PRNGKey(2))}, force=True)
+  with open(reward / CONFIG_FILE, "w") as f:
+    json.dump({"model": config.model.to_dict(), "objective": {"name": "reward"}}, f)
+  return str(base), str(reward)
+
+
+@pytest.fixture(scope="module")
+def ppo_setup(runs, tmp_path_factory):
+  """The PPO config and one RLTrainer for every PPO run below (compiled once)."""
+  config = shrink(ppo_config.get_config("tiny"), runs[0], "", 2)
+  data_dir = str(tmp_path_factory.mktemp("prompts"))
+  tokenizer = resolve_tokenizer(config.data, data_dir)
+  trainer = RLTrainer(config, tokenizer=tokenizer,
+                      train_items=load_prompts(config, tokenizer, "train", data_dir),
+                      eval_items=load_prompts(config, tokenizer, "eval", data_dir,
+                                              distinct=True, limit=8))
+  return config, trainer
+
+
+@pytest.fixture(scope="module")
+def ppo_run(ppo_setup, tmp_path_factory):
+  config, trainer = ppo_setup
+  workdir = str(tmp_path_factory.mktemp("ppo"))
+  return workdir, train_rl(config, workdir, trainer=trainer)
+
+
+def _finite_records(workdir):
+  records = read_metrics(workdir)
+  for r in records:
+    assert all(np.isfinite(v) for v in r.values()), r
+  return records
+
+
+def test_ppo_iterations_report_every_figure(ppo_run):
+  workdir, final = ppo_run
+  records = _finite_records(workdir)
+  assert [r["step"] for r in records] == [0, 1, 2]
+  assert set(records[0]) == {"step", "eval/score", "eval/kl", "eval/answer_accuracy",
+                             "eval/stop_rate", "eval/response_length"}
+  assert records[0]["eval/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
+  for r in records[1:]:
+    for key in ("score", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl", "value_loss",
+                "explained_variance", "response_length", "stop_rate", "policy_loss", "loss"):
+      assert f"train/{key}" in r, key
+    # The rollout's log-probs are the policy's own: the first minibatch's ratio is exactly 1.
+    assert r["train/ratio_first_minibatch"] == 1.0
+    assert r["perf/generate_s"] > 0 and r["perf/update_s"] > 0
+    assert 1.0 <= r["train/response_length"] <= 6.0
+  assert "eval/answer_accuracy" in final and records[2]["eval/kl"] > 0
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.latest_step() == 2
+  ckpt.close()
+
+
+def test_rl_checkpoint_loads_as_a_decoder_and_the_stage_is_registered(runs, ppo_setup,
+                                                                      ppo_run):
+  spec = build_model_spec(ppo_setup[0].model)
+  params = Checkpointer.restore_params(ppo_run[0], spec.shapes)
+  start = Checkpointer.restore_params(runs[0], spec.shapes)
+  # 2 iterations x 2 epochs x 2 minibatches of Adam at lr <= 1e-3: every param moves < 0.01.
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       params, start)
+  assert 0 < max(jax.tree.leaves(moved)) < 0.01
+  for name in ("ppo", "grpo", "rloo", "online_dpo"):
+    assert get_stage(name).train is not None and get_stage(name).model_kind == "decoder"
+
+
+def test_ppo_resume_equals_uninterrupted(ppo_setup, ppo_run, tmp_path):
+  config, trainer = ppo_setup
+  workdir = str(tmp_path / "resumed")
+  train_rl(config, workdir, trainer=trainer, stop_after=1)  # 'killed' after iteration 1
+  train_rl(config, workdir, trainer=trainer)  # the same command again resumes
+  want = {r["step"]: r for r in read_metrics(ppo_run[0])}
+  got = {r["step"]: r for r in read_metrics(workdir)}
+  for key in ("train/loss", "train/score", "train/kl", "train/kl_coef", "eval/score",
+              "eval/kl"):
+    assert got[2][key] == pytest.approx(want[2][key], abs=1e-6), key
+  spec = build_model_spec(config.model)
+  a = Checkpointer.restore_params(ppo_run[0], spec.shapes)
+  b = Checkpointer.restore_params(workdir, spec.shapes)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_grpo_with_a_reward_model(runs, tmp_path):
+  config = shrink(grpo_config.get_config("tiny"), runs[0], runs[1], 1)
+  config.reward.function = ""
+  config.train.eval_every = 0
+  config.rl.update(dict(prompts_per_iteration=2, samples_per_prompt=4))
+  train_rl(config, str(tmp_path / "grpo"))
+  (record,) = _finite_records(str(tmp_path / "grpo"))
+  assert record["train/ratio_first_minibatch"] == 1.0
+  assert record["train/zero_advantage_groups"] == 0.0  # reward-model scores differ
+  assert "train/ref_kl" in record and "train/clip_fraction" in record
+
+
+def test_online_dpo_pairs_best_and_worst(runs, tmp_path):
+  config = shrink(online_dpo_config.get_config("tiny"), runs[0], runs[1], 1)
+  config.train.eval_every = 0
+  config.rl.update(dict(prompts_per_iteration=8, samples_per_prompt=2))
+  train_rl(config, str(tmp_path / "odpo"))
+  (record,) = _finite_records(str(tmp_path / "odpo"))
+  assert record["train/pairs"] == 1.0  # function + reward model: no ties
+  assert record["train/chosen_score"] > record["train/rejected_score"]
+  assert "train/rewards/accuracies" in record and "train/loss" in record
+
+
+def test_rows_layout_prompt_batches_and_minibatch_plan():
+  rows = build_rows(np.array([[0, 0, 5, 6], [7, 8, 9, 10]]), np.array([2, 4]),
+                    np.array([[11, 3, 0], [12, 13, 14]]), np.array([[1, 1, 0], [1, 1, 1]]))
+  np.testing.assert_array_equal(rows["tokens"], [[0, 0, 5, 6, 11, 3, 0],
+                                                 [7, 8, 9, 10, 12, 13, 14]])
+  np.testing.assert_array_equal(rows["segment_ids"], [[0, 0, 1, 1, 1, 1, 0], [1] * 7])
+  np.testing.assert_array_equal(rows["positions"], [[0, 0, 0, 1, 2, 3, 0], list(range(7))])
+  np.testing.assert_array_equal(rows["last"], [5, 6])
+  assert fit_prompt([2, 4, 5, 6, 7], 3) == [2, 6, 7]
+  items = list(range(10))
+  first = prompt_batch(items, 0, 4, 0) + prompt_batch(items, 1, 4, 0)
+  assert prompt_batch(items, 1, 4, 0) == prompt_batch(items, 1, 4, 0)  # pure
+  assert len(set(first)) == 8 and set(first + prompt_batch(items, 4, 2, 0)) == set(items)
+  plan = minibatch_plan(8, 2, 4, 0, 5)
+  assert len(plan) == 2 and all(len(m) == 2 for epoch in plan for m in epoch)
+  for epoch in plan:
+    assert sorted(np.concatenate(epoch).tolist()) == list(range(8))

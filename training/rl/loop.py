@@ -1,0 +1,264 @@
+"""`train_rl(config, workdir)`: the sample -> score -> update loop of PPO, GRPO, RLOO, online DPO.
+
+An RL run counts *iterations*: `config.train.steps`, `eval_every`, `log_every` and
+`config.checkpoint.every_steps` are in iterations, and each iteration makes
+`rl.epochs x rl.minibatches` optimizer updates (the learning-rate schedule and
+`optimizer.warmup_steps` count updates). One iteration:
+
+    prompts (`rl.prompts_per_iteration`, each `rl.samples_per_prompt` times)
+      -> rollout (training/rl/rollout.py): sample, score, log-probs, values    [generate, score]
+      -> the algorithm's arrays (training/rl/ppo.py, grpo.py, online_dpo.py)
+      -> `rl.epochs` passes over them in `rl.minibatches` shuffled minibatches, each one step
+         of training/step.py's jitted, sharded, donated train step                  [update]
+      -> the next KL coefficient (PPO's adaptive controller)
+
+Sections below: start-up and mesh; prompts; models (the trained ActorCritic, the frozen
+reference and reward model) and state (fresh from `config.init_from`, or resumed); the loop
+with metrics, evaluation and checkpoints. The checkpoint holds the train state plus `rl`:
+the iteration counter and the KL coefficient; the prompts, sampling seeds and minibatch
+order are pure functions of (seed, iteration), so rerunning the command resumes exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import models  # noqa: F401  (sets flax's variable-sharding mode before any module is built)
+from data.pipeline import resolve_tokenizer
+from models.lora import is_enabled as lora_enabled
+from objectives.reductions import add_metrics, finalize_metrics
+from parallel.distributed import maybe_initialize_distributed
+from parallel.mesh import make_mesh
+from parallel.rules import get_rules
+from training.checkpoint import Checkpointer
+from training.metrics import MetricsWriter
+from training.optimizer import make_optimizer
+from training.rl import rewards
+from training.rl.algorithm import get_algorithm
+from training.rl.evaluation import Evaluator
+from training.rl.policy import (InitSources, build_actor_critic_spec, restore_decoder_params,
+                                restore_initial_params)
+from training.rl.rollout import (RolloutEngine, batch_shards, chunk_indices, load_prompts,
+                                 prompt_batch, repeat_items, rollout_metrics, to_global)
+from training.state import abstract_train_state, init_train_state, shardings_of
+from training.step import make_train_step
+
+
+def minibatch_plan(units: int, epochs: int, minibatches: int, seed: int, iteration: int
+                   ) -> list[list[np.ndarray]]:
+  """Per epoch, `minibatches` index arrays: a fresh permutation of `range(units)` split into
+  equal parts (a pure function of seed and iteration)."""
+  plan = []
+  for epoch in range(epochs):
+    order = np.random.default_rng([seed, iteration, epoch]).permutation(units)
+    plan.append([order[i] for i in chunk_indices(units, minibatches)])
+  return plan
+
+
+def _rl_state(iteration: int, kl_coef: float, mesh) -> dict[str, jax.Array]:
+  replicated = NamedSharding(mesh, P())
+  return {"iteration": jax.device_put(np.int32(iteration), replicated),
+          "kl_coef": jax.device_put(np.float32(kl_coef), replicated)}
+
+
+def initial_kl_coef(config: ml_collections.ConfigDict) -> float:
+  return float(np.float32(config.objective.get("kl_coef", 0.0)))
+
+
+def _check_batch_sizes(config: ml_collections.ConfigDict, units: str, shards: int) -> None:
+  """Rollout rows, minibatches and evaluation batches must split evenly over the mesh."""
+  rl = config.rl
+  rows = rl.prompts_per_iteration * rl.samples_per_prompt
+  count = rows if units == "rows" else rl.prompts_per_iteration
+  if count % rl.minibatches or (count // rl.minibatches) % shards or rows % shards:
+    raise ValueError(f"{rows} rollout rows ({count} {units}) in {rl.minibatches} minibatches: "
+                     f"every minibatch and the rollout must be a multiple of the {shards} "
+                     "ways the batch splits over the mesh (config.rl.prompts_per_iteration, "
+                     "samples_per_prompt, minibatches)")
+  if config.train.eval_every and config.eval.batch_size % shards:
+    raise ValueError(f"config.eval.batch_size {config.eval.batch_size} is not a multiple of "
+                     f"the {shards} ways the batch splits over the mesh")
+
+
+class RLTrainer:
+  """The models, state and jitted functions of one RL run (used by `train_rl` and the PPO
+  benchmark, which builds one on random params)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, tokenizer, train_items,
+               eval_items=None, reward_model=None):
+    """`reward_model` (a rewards.RewardModelScorer) overrides `config.reward.model`."""
+    if lora_enabled(config):
+      raise ValueError("config.lora.enabled: the RL stages train full policies (LoRA "
+                       "adapters are not wired into the rollout's sampler)")
+    self.config = config
+    self.mesh, self.rules = make_mesh(config.mesh), get_rules(config.mesh.rules)
+    self.algorithm = get_algorithm(config.objective.name)
+    self.train_items = train_items
+    rl = config.rl
+    _check_batch_sizes(config, self.algorithm.units, batch_shards(self.mesh, self.rules))
+    self.spec = build_actor_critic_spec(config.model, self.algorithm.value_source(config))
+    self.optimizer, schedule = make_optimizer(config.optimizer,
+                                              config.train.steps * rl.epochs * rl.minibatches)
+    self.abstract_state = abstract_train_state(self.spec, self.optimizer, self.mesh, self.rules)
+    self.shardings = shardings_of(self.abstract_state)
+    ref_spec, ref_params = restore_decoder_params(
+        config.model, config.objective.reference or config.init_from, self.mesh, self.rules)
+    if reward_model is None and config.reward.model:
+      reward_model = rewards.RewardModelScorer(config.reward.model, self.mesh, self.rules)
+    self.engine = RolloutEngine(config, self.spec, tokenizer, self.mesh, self.rules,
+                                ref_spec=ref_spec, ref_params=ref_params,
+                                reward_fn=rewards.get_reward_function(config.reward.function),
+                                reward_model=reward_model)
+    self.evaluator = None
+    if eval_items:
+      self.evaluator = Evaluator(self.engine, eval_items, batch_size=config.eval.batch_size,
+                                 max_new_tokens=config.eval.max_new_tokens)
+    self.train_step = make_train_step(self.spec, self.algorithm.loss_fn, self.optimizer,
+                                      schedule, config.objective, mesh=self.mesh,
+                                      rules=self.rules, shardings=self.shardings,
+                                      grad_accum_steps=config.train.grad_accum_steps)
+
+  def fresh_state(self):
+    """A new train state with the policy from `init_from` (and the critic from
+    `value.init_from`, else the reward model, else `init_from`)."""
+    config = self.config
+    state = init_train_state(self.spec, self.optimizer, self.abstract_state, config.seed)
+    critic = config.value.init_from or config.reward.model or config.init_from
+    params = restore_initial_params(state["params"], self.abstract_state["params"],
+                                    InitSources(config.init_from, critic))
+    return dict(state, params=params)
+
+  def iteration(self, state, iteration: int, kl_coef: float):
+    """One sample -> score -> update iteration; returns (state, figures, next kl_coef)."""
+    config, rl = self.config, self.config.rl
+    g = rl.samples_per_prompt
+    items = repeat_items(prompt_batch(self.train_items, iteration, rl.prompts_per_iteration,
+                                      config.seed), g)
+    units = len(items) if self.algorithm.units == "rows" else rl.prompts_per_iteration
+    plan = minibatch_plan(units, rl.epochs, rl.minibatches, config.seed, iteration)
+    # Rows are scored in the first epoch's minibatches, so its first update recomputes the
+    # very same log-probs (ratio 1); pairs need no such care.
+    chunks = plan[0] if self.algorithm.units == "rows" else chunk_indices(len(items),
+                                                                          rl.minibatches)
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
+    rollout, times = self.engine.collect(state["params"], items, rng, chunks)
+    arrays, figures = self.algorithm.make_batch(rollout, config, kl_coef)
+    figures.update(rollout_metrics(rollout))
+
+    start = time.perf_counter()
+    total, first = None, None
+    for epoch in plan:
+      for index in epoch:
+        batch = to_global({k: v[index] for k, v in arrays.items()}, self.mesh, self.rules)
+        state, metrics = self.train_step(state, batch)
+        first = metrics if first is None else first
+        total = metrics if total is None else add_metrics(total, metrics)
+    jax.block_until_ready(state["params"])
+    times["update_s"] = time.perf_counter() - start
+    figures.update({k: float(v) for k, v in finalize_metrics(total).items()})
+    first = {k: float(v) for k, v in finalize_metrics(first).items()}
+    if "ratio" in first:  # 1 exactly: the rollout's log-probs are the policy's own
+      figures["ratio_first_minibatch"] = first["ratio"]
+    if self.algorithm.next_kl_coef is not None:
+      kl_coef = self.algorithm.next_kl_coef(config, kl_coef, figures, len(items))
+    record = {f"train/{k}": v for k, v in figures.items()}
+    record.update({f"perf/{k}": v for k, v in times.items()})
+    record["perf/iteration_s"] = sum(times.values())
+    return state, record, float(np.float32(kl_coef))
+
+
+def format_rl_progress(iteration: int, total: int, record: dict) -> str:
+  parts = [f"iter {iteration:>4}/{total}"]
+  for tag, fmt in (("train/score", "score {:.3f}"), ("train/kl", "kl {:.3f}"),
+                   ("eval/score", "eval score {:.3f}"),
+                   ("eval/answer_accuracy", "eval acc {:.3f}"), ("eval/kl", "eval kl {:.3f}"),
+                   ("perf/iteration_s", "{:.1f} s/iter")):
+    if tag in record:
+      parts.append(fmt.format(record[tag]))
+  return " | ".join(parts)
+
+
+def train_rl(config: ml_collections.ConfigDict, workdir: str, *,
+             stop_after: int | None = None, trainer: RLTrainer | None = None
+             ) -> dict[str, float]:
+  """Trains the RL stage `config` in `workdir` (resuming if it holds a checkpoint).
+
+  `stop_after` ends this process after that iteration with a checkpoint, as a preemption
+  would; rerunning resumes and finishes the same run. `trainer`: an RLTrainer of this very
+  config to reuse (its jitted functions are compiled already; tests run several workdirs).
+  Returns the last figures.
+  """
+  # --- Start-up and mesh ------------------------------------------------------------------
+  maybe_initialize_distributed()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_primary = jax.process_index() == 0
+
+  # --- Prompts ----------------------------------------------------------------------------
+  # The run's folder keeps its tokenizer, for later stages started from it.
+  tokenizer = resolve_tokenizer(config.data, workdir)
+  if trainer is None:
+    train_items = load_prompts(config, tokenizer, "train", workdir)
+    eval_items = (load_prompts(config, tokenizer, "eval", workdir, distinct=True,
+                               limit=config.eval.num_prompts)
+                  if config.train.eval_every else None)
+    logging.info("%d train prompts, %d held-out prompts", len(train_items),
+                 len(eval_items or []))
+
+    # --- Models ---------------------------------------------------------------------------
+    trainer = RLTrainer(config, tokenizer=tokenizer, train_items=train_items,
+                        eval_items=eval_items)
+
+  # --- State: resumed, or fresh from init_from ------------------------------------------------
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              max_to_keep=config.checkpoint.max_to_keep,
+                              save_every=config.checkpoint.every_steps,
+                              async_save=config.checkpoint.async_save)
+  if checkpointer.latest_step() is not None:
+    abstract_rl = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                              sharding=a.sharding),
+                               _rl_state(0, 0.0, trainer.mesh))
+    restored, _ = checkpointer.restore(None, {**trainer.abstract_state, "rl": abstract_rl})
+    rl_state = restored.pop("rl")
+    state, iteration = restored, int(rl_state["iteration"])
+    kl_coef = float(rl_state["kl_coef"])
+    logging.info("resumed from iteration %d", iteration)
+  else:
+    state, iteration, kl_coef = trainer.fresh_state(), 0, initial_kl_coef(config)
+  writer = MetricsWriter(workdir, enabled=is_primary,
+                         purge_step=iteration + 1 if iteration else None)
+  writer.write_hparams(config.to_dict())
+
+  # --- Loop -------------------------------------------------------------------------------
+  total = config.train.steps
+  end = total if stop_after is None else min(stop_after, total)
+  last = {}
+  if iteration == 0 and trainer.evaluator is not None:
+    last = trainer.evaluator(state["params"])  # the initial (SFT) policy: "before"
+    writer.write(0, last)
+    logging.info("%s", format_rl_progress(0, total, last))
+  while iteration < end:
+    state, record, kl_coef = trainer.iteration(state, iteration, kl_coef)
+    iteration += 1
+    if trainer.evaluator is not None and (iteration % config.train.eval_every == 0
+                                          or iteration == total):
+      record.update(trainer.evaluator(state["params"]))
+    checkpointer.save(iteration, {**state, "rl": _rl_state(iteration, kl_coef, trainer.mesh)})
+    last.update(record)
+    if iteration % config.train.log_every == 0 or iteration == total or "eval/score" in record:
+      writer.write(iteration, record)
+      if is_primary:
+        logging.info("%s", format_rl_progress(iteration, total, record))
+  checkpointer.save(iteration, {**state, "rl": _rl_state(iteration, kl_coef, trainer.mesh)},
+                    force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  return last
