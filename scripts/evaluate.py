@@ -15,12 +15,6 @@ from absl import app, flags, logging
 
 from configs.cli import parse_flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run to evaluate.")
-_EVAL_FILES = flags.DEFINE_string("eval_files", "", "Evaluate on these files instead "
-                                  "(sets config.data.source=files).")
-_MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "Stop after this many batches (0: all).")
-_OUTPUT = flags.DEFINE_string("output", "", "Write the metrics here as JSON.")
-flags.mark_flag_as_required("workdir")
 
 
 def evaluate_run(workdir: str, eval_files: str = "", max_batches: int = 0) -> dict[str, float]:
@@ -71,13 +65,24 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  metrics = evaluate_run(_WORKDIR.value, _EVAL_FILES.value, _MAX_BATCHES.value)
+  metrics = evaluate_run(flags.FLAGS.workdir, flags.FLAGS.eval_files, flags.FLAGS.max_batches)
   for key in sorted(metrics):
     print(f"{key:32s} {metrics[key]:.6g}")
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+  if flags.FLAGS.output:
+    with open(flags.FLAGS.output, "w", encoding="utf-8") as f:
       json.dump(metrics, f, indent=2, sort_keys=True)
 
 
+def define_flags():
+  """Defined on use, not import: other entry points define flags of the same names."""
+  flags.DEFINE_string("workdir", None, "The training run to evaluate.")
+  flags.DEFINE_string("eval_files", "", "Evaluate on these files instead "
+                                    "(sets config.data.source=files).")
+  flags.DEFINE_integer("max_batches", 0, "Stop after this many batches (0: all).")
+  flags.DEFINE_string("output", "", "Write the metrics here as JSON.")
+  flags.mark_flag_as_required("workdir")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)

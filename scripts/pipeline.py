@@ -43,10 +43,6 @@ HEADLINES = ("eval/loss", "eval_replay/loss", "eval/answer_accuracy", "eval/accu
              "eval/pairs/accuracy", "eval/reward", "eval/kl", "eval/nll",
              "eval/masked_accuracy")
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory: one run per stage.")
-_STAGES = flags.DEFINE_list("stages", [s[0] for s in PIPELINE], "Stages to run, in order.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the scripts.train commands only.")
-flags.mark_flag_as_required("workdir")
 
 
 def set_field(config, path: str, value) -> None:
@@ -108,20 +104,29 @@ def run_pipeline(workdir: str, stages: list[str]) -> dict[str, dict[str, float]]
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  plan = stage_plan(_WORKDIR.value, _STAGES.value)
-  if _DRY_RUN.value:
+  plan = stage_plan(flags.FLAGS.workdir, flags.FLAGS.stages)
+  if flags.FLAGS.dry_run:
     for name, module, preset, overrides in plan:
-      print(shlex.join(command(_WORKDIR.value, name, module, preset, overrides)))
+      print(shlex.join(command(flags.FLAGS.workdir, name, module, preset, overrides)))
     return
   logging.set_verbosity(logging.INFO)
   from training.metrics import quiet_library_logs
   quiet_library_logs()
-  summary = run_pipeline(_WORKDIR.value, _STAGES.value)
+  summary = run_pipeline(flags.FLAGS.workdir, flags.FLAGS.stages)
   for name, figures in summary.items():
     shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(figures.items()))
     print(f"{name:10s} {shown}")
   sys.stdout.flush()
 
 
+def define_flags():
+  """Defined on use, not import: other entry points define flags of the same names."""
+  flags.DEFINE_string("workdir", None, "Parent directory: one run per stage.")
+  flags.DEFINE_list("stages", [s[0] for s in PIPELINE], "Stages to run, in order.")
+  flags.DEFINE_bool("dry_run", False, "Print the scripts.train commands only.")
+  flags.mark_flag_as_required("workdir")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)

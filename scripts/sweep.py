@@ -24,12 +24,6 @@ from absl import app, flags
 
 from configs.cli import parse_flags
 
-_CONFIG = flags.DEFINE_string("config", None, "Stage config file[:preset], as for scripts.train.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the sweep's runs.")
-_GRID = flags.DEFINE_multi_string("grid", [], "field=v1,v2,...: values of one config field.")
-_METRIC = flags.DEFINE_string("metric", "eval/loss", "Summary metric (lower is better).")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def parse_grid(grid: list[str]) -> list[tuple[str, list[str]]]:
@@ -75,8 +69,8 @@ def summarise(runs: list[tuple[str, list[str]]], metric: str) -> list[dict]:
 
 
 def main(argv):
-  runs = sweep_commands(_CONFIG.value, _WORKDIR.value, _GRID.value, argv[1:])
-  if _DRY_RUN.value:
+  runs = sweep_commands(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.grid, argv[1:])
+  if flags.FLAGS.dry_run:
     for _, command in runs:
       print(shlex.join(command))
     return
@@ -85,17 +79,28 @@ def main(argv):
     print(f"== {os.path.basename(run_dir)}", flush=True)
     if subprocess.run(command, check=False).returncode:
       failed.append(os.path.basename(run_dir))
-  rows = summarise(runs, _METRIC.value)
-  with open(os.path.join(_WORKDIR.value, "sweep.jsonl"), "w", encoding="utf-8") as f:
+  rows = summarise(runs, flags.FLAGS.metric)
+  with open(os.path.join(flags.FLAGS.workdir, "sweep.jsonl"), "w", encoding="utf-8") as f:
     for row in rows:
       f.write(json.dumps(row) + "\n")
   for row in rows:
-    value = row.get(_METRIC.value)
+    value = row.get(flags.FLAGS.metric)
     shown = f"{value:.4f}" if isinstance(value, float) else "-"
-    print(f"{row['run']:40s} {_METRIC.value} {shown}  step {row.get('step', '-')}")
+    print(f"{row['run']:40s} {flags.FLAGS.metric} {shown}  step {row.get('step', '-')}")
   if failed:
     sys.exit(f"failed runs: {', '.join(failed)}")
 
 
+def define_flags():
+  """Defined on use, not import: other entry points define flags of the same names."""
+  flags.DEFINE_string("config", None, "Stage config file[:preset], as for scripts.train.")
+  flags.DEFINE_string("workdir", None, "Parent directory of the sweep's runs.")
+  flags.DEFINE_multi_string("grid", [], "field=v1,v2,...: values of one config field.")
+  flags.DEFINE_string("metric", "eval/loss", "Summary metric (lower is better).")
+  flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)
