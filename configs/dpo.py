@@ -70,7 +70,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.train.steps = 120
     config.train.eval_every = 40
     config.checkpoint.every_steps = 120
-    config.optimizer.update(dict(lr=3e-5, warmup_steps=10, weight_decay=0.0))
+    config.optimizer.update(dict(lr=1e-4, warmup_steps=10, weight_decay=0.0))
   elif size in ("1b", "llama3_8b"):
     set_large(config, size)
     # DPO's setting (Rafailov et al., 2023, app. B): 1e-6 with 150 warm-up steps, batch 64.

@@ -43,7 +43,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   add_rl_sections(config)
   if size == "tiny":
     set_tiny(config)
-    config.rl.update(dict(prompts_per_iteration=8, samples_per_prompt=8))
+    config.rl.update(dict(prompts_per_iteration=16, samples_per_prompt=8, epochs=1))
   elif size == "1b":
     set_large(config, size)
     config.rl.update(dict(prompts_per_iteration=64, samples_per_prompt=8))

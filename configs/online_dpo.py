@@ -39,6 +39,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if arg == "tiny":
     set_tiny(config)
     config.rl.update(dict(prompts_per_iteration=16, samples_per_prompt=4))
+    config.optimizer.lr = 5e-5
   elif arg == "1b":
     set_large(config, arg)
     config.rl.update(dict(prompts_per_iteration=256, samples_per_prompt=4))

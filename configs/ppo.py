@@ -18,7 +18,12 @@ An RL run counts iterations (training/rl/loop.py): `train.steps` iterations, eac
 `checkpoint.every_steps` count iterations too. metrics.jsonl reports train/score, kl,
 entropy, clip_fraction, approx_kl, value_loss, explained_variance, response_length, ... and,
 on held-out prompts at iteration 0 (the SFT policy) and every `eval_every` iterations,
-eval/score, eval/answer_accuracy, eval/kl (training/rl/evaluation.py).
+eval/reward, eval/answer_accuracy, eval/kl (training/rl/evaluation.py).
+
+Prompts: `data.source` tiny_world (`data.tiny_prompts`: 'unseen', the default, trains on half
+of the questions the SFT stage never saw and holds out the other half; 'sft' trains on the SFT
+stage's own questions) or files (`data.train_files` / `eval_files` of {prompt, answer?}
+records, FORMATS.md). docs/results_rl.md has the tiny runs' figures.
 
 Sections: `rl` (sampling and update schedule), `reward` (function and / or reward-model run,
 missing-stop penalty: training/rl/rewards.py), `value` (source 'head' on the policy or a
@@ -83,11 +88,12 @@ def set_tiny(config: ml_collections.ConfigDict) -> None:
   config.init_from = "runs/sft_tiny"
   config.model = model_config("tiny")  # must match the SFT run's model
   config.data.tokenizer_vocab_size = config.model.vocab_size
-  config.rl.update(dict(max_prompt_len=32, max_new_tokens=24))
+  config.rl.update(dict(prompts_per_iteration=16, samples_per_prompt=4, max_prompt_len=32,
+                        max_new_tokens=24))
   config.eval.update(dict(num_prompts=64, max_new_tokens=32, batch_size=64))
-  config.train.update(dict(steps=40, eval_every=10, log_every=1))
-  config.checkpoint.every_steps = 20
-  config.optimizer.update(dict(lr=5e-5, warmup_steps=5, schedule="constant",
+  config.train.update(dict(steps=30, eval_every=10, log_every=1))
+  config.checkpoint.every_steps = 10
+  config.optimizer.update(dict(lr=1e-4, warmup_steps=5, schedule="constant",
                                weight_decay=0.0))
 
 

@@ -13,6 +13,8 @@ shards; the pipelines are deterministic, so they produce the same rows.
 
 from __future__ import annotations
 
+import collections
+import math
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -23,43 +25,67 @@ Batch = dict[str, np.ndarray]
 ShardIteratorFn = Callable[[int, int, int], Iterator[Batch]]
 
 
+def row_blocks(sharding: jax.sharding.Sharding,
+               global_batch: int) -> dict[int, list[tuple[int, int]]]:
+  """For every process, the rows `[start, stop)` of a `[global_batch, ...]` array its devices
+  hold, as sorted, merged intervals. A process may hold several separate blocks (a pod's mesh
+  follows the chip torus, not the hosts); its local data is then their concatenation in row
+  order, as `jax.make_array_from_process_local_data` expects."""
+  spans: dict[int, set[tuple[int, int]]] = collections.defaultdict(set)
+  for device, index in sharding.devices_indices_map((global_batch, 1)).items():
+    rows = index[0]
+    spans[device.process_index].add((rows.start or 0,
+                                     global_batch if rows.stop is None else rows.stop))
+  blocks = {}
+  for process, intervals in spans.items():
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(intervals):
+      if merged and lo <= merged[-1][1]:
+        merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+      else:
+        merged.append((lo, hi))
+    blocks[process] = merged
+  return blocks
+
+
 def process_rows(sharding: jax.sharding.Sharding, global_batch: int) -> tuple[int, int]:
-  """The rows `[start, stop)` of a `[global_batch, ...]` array this process's devices hold.
+  """This process's rows `[start, stop)` when they form one block (see `row_blocks`).
 
   Raises:
-    ValueError: the rows are not one contiguous block (a device order the loader cannot feed).
+    ValueError: the process holds several separate blocks of rows.
   """
-  index_map = sharding.addressable_devices_indices_map((global_batch, 1))
-  spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
-                  for s in index_map.values()})
-  start, stop = spans[0][0], spans[0][1]
-  for lo, hi in spans[1:]:
-    if lo != stop:
-      raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {spans}")
-    stop = hi
-  return start, stop
+  blocks = row_blocks(sharding, global_batch)[jax.process_index()]
+  if len(blocks) != 1:
+    raise ValueError(f"process {jax.process_index()} holds separate batch rows {blocks}")
+  return blocks[0]
 
 
-def process_shards(rows: tuple[int, int], global_batch: int,
-                   num_shards: int) -> tuple[range, int]:
-  """The data shards covering `rows`, and their total (`num_shards`, or if that is 0 one shard
-  per block of `rows`: each process reads exactly one shard).
+def process_shards(blocks: dict[int, list[tuple[int, int]]], process: int, global_batch: int,
+                   num_shards: int) -> tuple[list[int], int]:
+  """The data shards behind `process`'s rows, in row order, and the number of shards.
+
+  `num_shards` 0 picks the coarsest shards every process's blocks line up with: one per host
+  when each host holds one block. All processes compute the same number from `blocks`.
 
   Raises:
-    ValueError: the shards do not divide the batch or do not line up with `rows`.
+    ValueError: the shards do not divide the batch or do not line up with the rows.
   """
-  start, stop = rows
   if num_shards <= 0:
-    num_shards = global_batch // (stop - start)
+    num_shards = global_batch // math.gcd(
+        global_batch, *(edge for spans in blocks.values() for span in spans for edge in span))
   if global_batch % num_shards:
     raise ValueError(f"config.data.num_shards {num_shards} does not divide the global batch "
                      f"{global_batch}")
   size = global_batch // num_shards
-  if start % size or stop % size:
-    raise ValueError(f"this process feeds batch rows [{start}, {stop}), which do not line up "
-                     f"with {num_shards} data shards of {size} rows; choose num_shards so that "
-                     f"{stop - start} is a multiple of {global_batch} / num_shards")
-  return range(start // size, stop // size), num_shards
+  shards = []
+  for start, stop in blocks[process]:
+    if start % size or stop % size:
+      raise ValueError(f"process {process} feeds batch rows [{start}, {stop}), which do not "
+                       f"line up with {num_shards} data shards of {size} rows; choose "
+                       f"config.data.num_shards so that {global_batch} / num_shards divides "
+                       f"{start} and {stop}")
+    shards.extend(range(start // size, stop // size))
+  return shards, num_shards
 
 
 class ShardedBatches:
@@ -79,8 +105,8 @@ class ShardedBatches:
   def for_sharding(cls, make_shard_iter: ShardIteratorFn, sharding: jax.sharding.Sharding,
                    global_batch: int, num_shards: int = 0) -> ShardedBatches:
     """The shards that feed this process's rows of a batch laid out by `sharding`."""
-    shards, total = process_shards(process_rows(sharding, global_batch), global_batch,
-                                   num_shards)
+    shards, total = process_shards(row_blocks(sharding, global_batch), jax.process_index(),
+                                   global_batch, num_shards)
     return cls(make_shard_iter, shards, total, global_batch // total)
 
   def __iter__(self) -> ShardedBatches:

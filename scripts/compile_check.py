@@ -127,22 +127,28 @@ def argument_bytes(tree: Any) -> int:
              for a in jax.tree.leaves(tree))
 
 
-_OOM = re.compile(r"Ran out of memory in memory space hbm|Ran out of memory on HBM")
+_OOM = re.compile(r"Ran out of memory (?:in memory space (\w+)|on (HBM))")
 _OOM_SIZES = re.compile(r"\(([\d.]+)([KMGT])\)[^(]*\(([\d.]+)([KMGT])\)")
 
 
 def _parse_out_of_memory(message: str) -> dict[str, Any] | None:
-  """Needed and usable bytes from the TPU compiler's out-of-memory error, or None."""
-  if not _OOM.search(message):
+  """What the TPU compiler's out-of-memory error says, or None for any other error.
+
+  Returns:
+    {memory: 'hbm' or 'vmem' (on-chip scratch, when one fusion is too big), needed and
+    available bytes (0 when not stated), message: the error's first line}.
+  """
+  match = _OOM.search(message)
+  if match is None:
     return None
-  line = next(l for l in message.splitlines() if _OOM.search(l))
-  line = line[line.index("Ran out"):]
+  line = message[match.start():].splitlines()[0].strip()
   sizes = _OOM_SIZES.search(line)
   unit = lambda u: 1 << (10 * "KMGT".index(u) + 10)
   needed, available = ((int(float(sizes.group(1)) * unit(sizes.group(2))),
                         int(float(sizes.group(3)) * unit(sizes.group(4)))) if sizes
                        else (0, 0))
-  return dict(needed=needed, available=available, message=line.strip())
+  return dict(memory=(match.group(1) or match.group(2)).lower(), needed=needed,
+              available=available, message=line[:300])
 
 
 def remat_peak_memory(config, policies: Sequence[str] = ("none", "full", "save_dots"),
@@ -191,12 +197,14 @@ def check(config, *, topology: str = "", num_slices: int = 1, hbm_gib: float | N
     memory = device_memory(lowered.compile())
     refused = None
   except jax.errors.JaxRuntimeError as e:
-    # The TPU compiler itself refuses a program whose buffers exceed the chip's usable HBM.
+    # The TPU compiler itself refuses a program whose buffers exceed the usable HBM, or one
+    # whose fusion needs more on-chip VMEM than there is.
     refused = _parse_out_of_memory(str(e))
     if refused is None:
       raise
     memory = dict(argument=argument_bytes(info["abstract_state"]), temp=refused["needed"])
-    budget = refused["available"]
+    if refused["available"]:
+      budget = refused["available"]
   seconds = time.perf_counter() - start
   mesh, spec = info["mesh"], info["spec"]
   device = mesh.devices.flat[0]
@@ -212,8 +220,12 @@ def check(config, *, topology: str = "", num_slices: int = 1, hbm_gib: float | N
   say(f"model       {params / 1e9:.3f} B params; train state {_gib(state_bytes)} in all")
   if refused:
     say(f"compiled    refused after {seconds:.1f} s: {refused['message']}")
-    say(f"per device  train state {_gib(memory['argument'])}, temporaries "
-        f"{_gib(memory['temp'])} needed of {_gib(budget)} usable: DOES NOT FIT")
+    if refused["memory"] == "hbm":
+      say(f"per device  train state {_gib(memory['argument'])}, temporaries "
+          f"{_gib(memory['temp'])} needed of {_gib(budget)} usable: DOES NOT FIT")
+    else:
+      say(f"per device  train state {_gib(memory['argument'])}; one fusion does not fit the "
+          f"chip's {refused['memory']}: DOES NOT FIT (fewer rows or heads per device)")
     fits = False
   else:
     say(f"compiled    in {seconds:.1f} s")

@@ -5,9 +5,11 @@ r"""Synthetic data from a model: sampled replies, scored, kept as SFT records or
   python -m scripts.synthesize --workdir runs/sft_tiny --prompts prompts.jsonl \
       --output synth_pairs.jsonl --mode preferences --samples 4 --reward_model runs/reward_tiny
 
-The tiny world's prompts ({prompt, answer} records) come from
-`python -c "from data.tiny_tasks import ensure_tiny_tasks; ensure_tiny_tasks('runs/data', 'prompts', 2000, 200)"`
-(then --prompts runs/data/tiny_prompts-train.jsonl).
+The tiny world's prompts ({prompt, answer} records), then --prompts
+runs/data/tiny_prompts-train.jsonl:
+
+  python -c "from data.tiny_tasks import ensure_tiny_tasks; \
+      ensure_tiny_tasks('runs/data', 'prompts', 2000, 200)"
 
 For every prompt of `--prompts` (JSONL "Prompts only" records, FORMATS.md) the run's latest
 checkpoint samples `--samples` replies (chat template `--chat_template`, stopped at its end of

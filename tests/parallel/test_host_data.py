@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from parallel.host_data import ShardedBatches, process_rows, process_shards
+from parallel.host_data import ShardedBatches, process_rows, process_shards, row_blocks
 
 
 class CountingIterator:
@@ -26,27 +26,38 @@ class CountingIterator:
     self.step = state["step"]
 
 
-def test_process_rows_on_one_process():
+def test_row_blocks_on_one_process():
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+  assert row_blocks(NamedSharding(mesh, P(("data", "fsdp"))), 16) == {0: [(0, 16)]}
+  assert row_blocks(NamedSharding(mesh, P()), 16) == {0: [(0, 16)]}
   assert process_rows(NamedSharding(mesh, P(("data", "fsdp"))), 16) == (0, 16)
 
 
-@pytest.mark.parametrize("rows, batch, num_shards, want", [
-    ((0, 16), 16, 0, (range(0, 1), 1)),     # one process: one shard, the whole batch
-    ((8, 16), 16, 0, (range(1, 2), 2)),     # second of two hosts
-    ((0, 16), 16, 2, (range(0, 2), 2)),     # one process reading two fixed shards
-    ((4, 8), 16, 4, (range(1, 2), 4)),
-    ((0, 16), 16, 4, (range(0, 4), 4)),     # batch replicated over hosts (tensor across them)
+TWO_HOSTS = {0: [(0, 8)], 1: [(8, 16)]}
+# A pod mesh that follows the torus can give a host separate blocks of rows.
+INTERLEAVED = {0: [(0, 4), (8, 12)], 1: [(4, 8), (12, 16)]}
+REPLICATED = {0: [(0, 16)], 1: [(0, 16)]}  # tensor parallelism across the two hosts
+
+
+@pytest.mark.parametrize("blocks, process, num_shards, want", [
+    ({0: [(0, 16)]}, 0, 0, ([0], 1)),      # one process: one shard, the whole batch
+    (TWO_HOSTS, 1, 0, ([1], 2)),           # second of two hosts
+    ({0: [(0, 16)]}, 0, 2, ([0, 1], 2)),   # one process reading two fixed shards
+    (TWO_HOSTS, 0, 4, ([0, 1], 4)),
+    (INTERLEAVED, 0, 0, ([0, 2], 4)),
+    (INTERLEAVED, 1, 8, ([2, 3, 6, 7], 8)),
+    (REPLICATED, 1, 4, ([0, 1, 2, 3], 4)),
 ])
-def test_process_shards(rows, batch, num_shards, want):
-  assert process_shards(rows, batch, num_shards) == want
+def test_process_shards(blocks, process, num_shards, want):
+  assert process_shards(blocks, process, 16, num_shards) == want
 
 
 def test_process_shards_errors():
   with pytest.raises(ValueError, match="num_shards 3 does not divide the global batch 16"):
-    process_shards((0, 16), 16, 3)
-  with pytest.raises(ValueError, match=r"rows \[4, 8\), which do not line up with 2 data"):
-    process_shards((4, 8), 16, 2)
+    process_shards({0: [(0, 16)]}, 0, 16, 3)
+  with pytest.raises(ValueError, match=r"process 0 feeds batch rows \[0, 4\), which do not line "
+                     r"up with 2 data shards"):
+    process_shards(INTERLEAVED, 0, 16, 2)
 
 
 def test_two_hosts_read_the_batch_one_host_reads():

@@ -50,7 +50,10 @@ def test_parse_out_of_memory():
              "memory required for HLO temporaries (16.90G) exceeds available HBM (15.75G).")
   got = _parse_out_of_memory(message)
   assert got["needed"] == int(16.90 * 2**30) and got["available"] == int(15.75 * 2**30)
-  assert got["message"].startswith("Ran out of memory on HBM")
+  assert got["message"].startswith("Ran out of memory on HBM") and got["memory"] == "hbm"
+  vmem = _parse_out_of_memory("RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom:\nRan out of "
+                              "memory in memory space vmem while allocating on stack for %f")
+  assert vmem["memory"] == "vmem" and vmem["needed"] == vmem["available"] == 0
   assert _parse_out_of_memory("INTERNAL: something else") is None
 
 

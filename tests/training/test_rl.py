@@ -94,8 +94,9 @@ def test_ppo_iterations_report_every_figure(ppo_run):
   workdir, final = ppo_run
   records = _finite_records(workdir)
   assert [r["step"] for r in records] == [0, 1, 2]
-  assert set(records[0]) == {"step", "eval/score", "eval/kl", "eval/answer_accuracy",
-                             "eval/stop_rate", "eval/response_length"}
+  assert set(records[0]) == {"step"} | {
+      f"{prefix}/{k}" for prefix in ("eval", "eval_train")
+      for k in ("reward", "kl", "answer_accuracy", "stop_rate", "response_length")}
   assert records[0]["eval/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
   for r in records[1:]:
     for key in ("score", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl", "value_loss",
@@ -131,7 +132,7 @@ def test_ppo_resume_equals_uninterrupted(ppo_setup, ppo_run, tmp_path):
   train_rl(config, workdir, trainer=trainer)  # the same command again resumes
   want = {r["step"]: r for r in read_metrics(ppo_run[0])}
   got = {r["step"]: r for r in read_metrics(workdir)}
-  for key in ("train/loss", "train/score", "train/kl", "train/kl_coef", "eval/score",
+  for key in ("train/loss", "train/score", "train/kl", "train/kl_coef", "eval/reward",
               "eval/kl"):
     assert got[2][key] == pytest.approx(want[2][key], abs=1e-6), key
   spec = build_model_spec(config.model)
@@ -180,3 +181,18 @@ def test_rows_layout_prompt_batches_and_minibatch_plan():
   assert len(plan) == 2 and all(len(m) == 2 for epoch in plan for m in epoch)
   for epoch in plan:
     assert sorted(np.concatenate(epoch).tolist()) == list(range(8))
+
+
+def test_benchmark_ppo_splits_an_iteration(runs):
+  from training.rl.bench import benchmark_ppo
+  config = ppo_config.get_config("bench")
+  config.model.update(SMALL)
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  result = benchmark_ppo(config, prompts=8, new_tokens=4, prompt_len=8, repeats=1,
+                         tokenizer_path=os.path.join(runs[0], "tokenizer", "spm.model"))
+  for key in ("generate_s", "score_s", "update_s"):
+    assert result[key] > 0
+  assert result["iteration_s"] == pytest.approx(
+      result["generate_s"] + result["score_s"] + result["update_s"], rel=1e-6)
+  assert result["updates"] == config.rl.minibatches and result["prompts"] == 8
+  assert 1 <= result["response_length"] <= 4

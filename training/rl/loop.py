@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import models  # noqa: F401  (sets flax's variable-sharding mode before any module is built)
 from data.pipeline import resolve_tokenizer
 from models.lora import is_enabled as lora_enabled
+from models.sampler import check_length
 from objectives.reductions import add_metrics, finalize_metrics
 from parallel.distributed import maybe_initialize_distributed
 from parallel.mesh import make_mesh
@@ -104,6 +105,9 @@ class RLTrainer:
     rl = config.rl
     _check_batch_sizes(config, self.algorithm.units, batch_shards(self.mesh, self.rules))
     self.spec = build_actor_critic_spec(config.model, self.algorithm.value_source(config))
+    # Learned position tables end at max_length: prompt + reply must fit.
+    check_length(self.spec, rl.max_prompt_len,
+                 max(rl.max_new_tokens, config.eval.max_new_tokens if eval_items else 0))
     self.optimizer, schedule = make_optimizer(config.optimizer,
                                               config.train.steps * rl.epochs * rl.minibatches)
     self.abstract_state = abstract_train_state(self.spec, self.optimizer, self.mesh, self.rules)
@@ -118,7 +122,14 @@ class RLTrainer:
                                 reward_model=reward_model)
     self.evaluator = None
     if eval_items:
-      self.evaluator = Evaluator(self.engine, eval_items, batch_size=config.eval.batch_size,
+      # Greedy figures on held-out prompts, and on (distinct) prompts RL trains on.
+      seen, distinct = set(), []
+      for item in train_items:
+        if item.tokens not in seen and len(distinct) < config.eval.num_prompts:
+          seen.add(item.tokens)
+          distinct.append(item)
+      self.evaluator = Evaluator(self.engine, {"eval": eval_items, "eval_train": distinct},
+                                 batch_size=config.eval.batch_size,
                                  max_new_tokens=config.eval.max_new_tokens)
     self.train_step = make_train_step(self.spec, self.algorithm.loss_fn, self.optimizer,
                                       schedule, config.objective, mesh=self.mesh,
@@ -177,7 +188,8 @@ class RLTrainer:
 def format_rl_progress(iteration: int, total: int, record: dict) -> str:
   parts = [f"iter {iteration:>4}/{total}"]
   for tag, fmt in (("train/score", "score {:.3f}"), ("train/kl", "kl {:.3f}"),
-                   ("eval/score", "eval score {:.3f}"),
+                   ("eval_train/reward", "eval (train prompts) reward {:.3f}"),
+                   ("eval/reward", "eval reward {:.3f}"),
                    ("eval/answer_accuracy", "eval acc {:.3f}"), ("eval/kl", "eval kl {:.3f}"),
                    ("perf/iteration_s", "{:.1f} s/iter")):
     if tag in record:
@@ -252,7 +264,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str, *,
       record.update(trainer.evaluator(state["params"]))
     checkpointer.save(iteration, {**state, "rl": _rl_state(iteration, kl_coef, trainer.mesh)})
     last.update(record)
-    if iteration % config.train.log_every == 0 or iteration == total or "eval/score" in record:
+    if iteration % config.train.log_every == 0 or iteration == total or "eval/reward" in record:
       writer.write(iteration, record)
       if is_primary:
         logging.info("%s", format_rl_progress(iteration, total, record))

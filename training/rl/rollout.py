@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from data import chat_template, tiny_tasks
 from data.conversation import Prompt, read_records
 from models import sampler
-from parallel.host_data import process_rows
+from parallel.host_data import row_blocks
 from parallel.rules import batch_sharding, logical_to_spec, use_mesh_rules
 from training.rl import rewards
 from training.rl.policy import policy_outputs, response_log_probs
@@ -155,7 +155,7 @@ def build_rows(prompt_tokens: np.ndarray, prompt_lengths: np.ndarray, response: 
   Returns numpy `tokens`, `positions`, `segment_ids` `[B, P + T]` int32 and `last` `[B]`,
   the index of each row's last real token.
   """
-  batch, p = prompt_tokens.shape
+  p = prompt_tokens.shape[1]
   real = np.concatenate([np.arange(p)[None, :] >= (p - prompt_lengths)[:, None],
                          np.asarray(mask) > 0], axis=1)
   first = (p - prompt_lengths)[:, None]
@@ -178,8 +178,10 @@ def to_global(arrays: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array
   out = {}
   for k, v in arrays.items():
     sharding = batch_sharding(mesh, rules, ndim=v.ndim)
-    start, stop = process_rows(sharding, v.shape[0])
-    out[k] = jax.make_array_from_process_local_data(sharding, v[start:stop], v.shape)
+    # This process's rows: the blocks its devices hold, in row order.
+    blocks = row_blocks(sharding, v.shape[0])[jax.process_index()]
+    local = np.concatenate([v[start:stop] for start, stop in blocks])
+    out[k] = jax.make_array_from_process_local_data(sharding, local, v.shape)
   return out
 
 
@@ -238,7 +240,6 @@ class RolloutEngine:
     self.reward_fn, self.reward_model = reward_fn, reward_model
     self.stops = chat_template.stop_ids(tokenizer, config.data.chat_template)
     rl = config.rl
-    self.max_new_tokens = rl.max_new_tokens
     self._sample = self.make_sampler(rl.max_new_tokens, temperature=rl.temperature,
                                      top_k=rl.top_k, top_p=rl.top_p)
     replicated = NamedSharding(mesh, P())
