@@ -16,7 +16,8 @@ import ml_collections
 from flax import nnx
 
 from models import kv_cache
-from models.layers import apply_rope, dtype_of, param, rope_scaling_of, rope_tables
+from models.flash_attention import flash_attention
+from models.layers import apply_rope, dense, dtype_of, param, rope_scaling_of, rope_tables
 from parallel.rules import constrain
 
 # Large negative instead of -inf: a fully masked (padding) row then softmaxes to a finite
@@ -108,7 +109,7 @@ class Attention(nnx.Module):
       self.o_bias = param(rngs, zeros, (d,), ("norm",), pdt)
 
   def _project(self, x, kernel, bias, heads_axis):
-    y = jnp.einsum("bld,dhk->blhk", x, kernel[...].astype(self.dtype))
+    y = dense(x, kernel[...].astype(self.dtype))
     if bias is not None:
       y = y + bias[...].astype(self.dtype)
     return constrain(y, ("batch", "length", heads_axis, "act_head_dim"))
@@ -126,18 +127,18 @@ class Attention(nnx.Module):
     if self.use_rope:
       cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.rope_scaling)
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    mask = segment_mask(segment_ids, segment_ids, causal=self.causal)
     scale = 1.0 / math.sqrt(self.head_dim)
-    if self.impl == "blockwise" and self.causal:
-      out = blockwise_causal_attention(q, k, v, mask, scale, self.block)
-    elif self.impl in ("dense", "auto", "blockwise"):
-      out = dense_attention(q, k, v, mask, scale)
+    if self.impl == "dense":
+      out = dense_attention(q, k, v, segment_mask(segment_ids, segment_ids, causal=self.causal),
+                            scale)
+    elif self.impl in ("auto", "blockwise"):
+      out = flash_attention(q, k, v, segment_ids, scale, causal=self.causal, block=self.block)
     else:
       raise ValueError(f"config.model.attention: unknown {self.impl!r} (auto | dense | blockwise)")
     # Padding rows attend nowhere: zero them rather than keep the uniform average.
     out = out * (segment_ids > 0)[:, :, None, None].astype(out.dtype)
     out = constrain(out, ("batch", "length", "act_heads", "act_head_dim"))
-    y = jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(self.dtype))
+    y = dense(out, self.o[...].astype(self.dtype), in_dims=2)
     if self.out_bias:
       y = y + self.o_bias[...].astype(self.dtype)
     return y

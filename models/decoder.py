@@ -160,13 +160,16 @@ class Decoder(nnx.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden `[batch, length, d_model]` -> float32 logits `[batch, length, vocab]`."""
+    # 2-D products (see layers.dense): the [tokens, vocab] gradient then feeds plain GEMMs.
+    lead = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
     if self.config.tie_embeddings:
       w = self.embed[...].astype(self.dtype)
-      out = jnp.einsum("bld,vd->blv", hidden, w, preferred_element_type=jnp.float32)
+      out = jnp.einsum("td,vd->tv", h2, w, preferred_element_type=jnp.float32)
     else:
       w = self.lm_head[...].astype(self.dtype)
-      out = jnp.einsum("bld,dv->blv", hidden, w, preferred_element_type=jnp.float32)
-    return constrain(out, ("batch", "length", "act_vocab"))
+      out = jnp.dot(h2, w, preferred_element_type=jnp.float32)
+    return constrain(out.reshape(*lead, -1), ("batch", "length", "act_vocab"))
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                cache: kv_cache.KVCache | None = None):

@@ -139,18 +139,18 @@ def benchmark_clm(config, *, steps: int, warmup: int, peak_sizes=(1024, 2048),
                             sharding) for _ in range(2)]
 
   start = time.perf_counter()
-  compiled = step.lower(state, batches[0]).compile()
+  compiled = step.lower(state, batches[0], {}).compile()
   compile_s = time.perf_counter() - start
   memory = memory_figures(compiled)
 
   metrics = None
   for i in range(warmup):
-    state, metrics = compiled(state, batches[i % 2])
+    state, metrics = compiled(state, batches[i % 2], {})
   jax.block_until_ready(state)
   times = []
   for i in range(steps):
     start = time.perf_counter()
-    state, metrics = compiled(state, batches[i % 2])
+    state, metrics = compiled(state, batches[i % 2], {})
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
   loss_sum, loss_weight = metrics["loss"]

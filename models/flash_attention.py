@@ -1,0 +1,144 @@
+"""Memory-lean softmax attention over packed rows, in plain JAX (FlashAttention-style).
+
+Queries are processed in blocks of `block` rows; with a causal mask, query block i only meets
+keys before the end of block i, so about half of the `[q, k]` square is never computed. The
+mask is never materialised at `[batch, heads, q, k]`: each block rebuilds it from the segment
+ids (and an iota when causal), which XLA fuses into the softmax loop. The backward pass (a
+custom VJP) recomputes the probabilities from the saved log-sum-exp instead of keeping them
+(Dao et al., 2022, FlashAttention, sec. 3.1), so a layer saves only q, k, v, its output and
+one float per query and head for the backward pass.
+
+Why this shape on XLA:CPU (measured on the `bench` model, see scripts/benchmark.py): the
+generic path (`attention.dense_attention`) runs ~5x below the matmul rate because every
+`[batch, heads, q, k]` intermediate (the broadcast mask, the where, the probabilities kept for
+the backward pass) is a round trip through freshly allocated memory; here the per-block
+intermediates are the only big arrays, the probabilities are normalised after the PV matmul
+(one pass fewer), and the heads are laid out `[batch, kv_heads, group * q, head_dim]` so every
+contraction is a plain batched GEMM.
+
+Layout inside: q `[batch, kv_heads, groups, length, head_dim]`, k and v
+`[batch, kv_heads, length, head_dim]`; `flash_attention` converts from and to the model's
+`[batch, length, heads, head_dim]`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# As in models/attention.py: finite, so a fully masked (padding) row stays finite.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_F32 = jnp.float32
+
+
+def _block_mask(segment_ids: jax.Array, q_start: int, q_stop: int, kv_stop: int,
+                causal: bool) -> jax.Array:
+  """`[batch, q_stop - q_start, kv_stop]` bool: same non-zero segment (and key <= query)."""
+  q_seg = segment_ids[:, q_start:q_stop, None]
+  mask = (q_seg == segment_ids[:, None, :kv_stop]) & (q_seg > 0)
+  if causal:
+    q_index = jnp.arange(q_start, q_stop)[:, None]
+    mask = mask & (jnp.arange(kv_stop)[None, :] <= q_index)[None]
+  return mask
+
+
+def _blocks(length: int, block: int, causal: bool):
+  """(q_start, q_stop, kv_stop) per query block; non-causal rows are one block over all keys."""
+  if not causal or block <= 0 or block >= length:
+    return [(0, length, length)]
+  return [(s, min(s + block, length), min(s + block, length) if causal else length)
+          for s in range(0, length, block)]
+
+
+def _logits(q, k, mask, scale):
+  s = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=_F32) * scale
+  return jnp.where(mask[:, None, None], s, _MASK_VALUE)
+
+
+def _forward(q, k, v, segment_ids, scale, causal, block):
+  outs, lses = [], []
+  for q_start, q_stop, kv_stop in _blocks(q.shape[3], block, causal):
+    mask = _block_mask(segment_ids, q_start, q_stop, kv_stop, causal)
+    s = _logits(q[:, :, :, q_start:q_stop], k[:, :, :kv_stop], mask, scale)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    # Normalise after the PV product: a [q, head_dim] divide instead of a [q, k] one.
+    o = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v[:, :, :kv_stop],
+                   preferred_element_type=_F32) / denom
+    outs.append(o.astype(q.dtype))
+    lses.append((m + jnp.log(denom))[..., 0])
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+  lse = lses[0] if len(lses) == 1 else jnp.concatenate(lses, axis=3)
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, segment_ids, scale, causal, block):
+  return _forward(q, k, v, segment_ids, scale, causal, block)[0]
+
+
+def _attention_fwd(q, k, v, segment_ids, scale, causal, block):
+  out, lse = _forward(q, k, v, segment_ids, scale, causal, block)
+  return out, (q, k, v, segment_ids, out, lse)
+
+
+def _attention_bwd(scale, causal, block, residuals, d_out):
+  q, k, v, segment_ids, out, lse = residuals
+  # delta_i = sum_j p_ij dp_ij = <d_out_i, out_i>: the softmax backward's row term.
+  delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1)
+  dq_blocks = []
+  dk = jnp.zeros(k.shape, _F32)
+  dv = jnp.zeros(v.shape, _F32)
+  for q_start, q_stop, kv_stop in _blocks(q.shape[3], block, causal):
+    mask = _block_mask(segment_ids, q_start, q_stop, kv_stop, causal)
+    q_blk, d_out_blk = q[:, :, :, q_start:q_stop], d_out[:, :, :, q_start:q_stop]
+    k_blk, v_blk = k[:, :, :kv_stop], v[:, :, :kv_stop]
+    s = _logits(q_blk, k_blk, mask, scale)
+    p = jnp.where(mask[:, None, None], jnp.exp(s - lse[..., q_start:q_stop, None]), 0.0)
+    dp = jnp.einsum("bkgqd,bksd->bkgqs", d_out_blk, v_blk, preferred_element_type=_F32)
+    ds = p * (dp - delta[..., q_start:q_stop, None]) * scale
+    dq_blocks.append(jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(k.dtype), k_blk,
+                                preferred_element_type=_F32))
+    dk_blk = jnp.einsum("bkgqs,bkgqd->bksd", ds.astype(q.dtype), q_blk,
+                        preferred_element_type=_F32)
+    dv_blk = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(d_out.dtype), d_out_blk,
+                        preferred_element_type=_F32)
+    if kv_stop == k.shape[2]:
+      dk, dv = dk + dk_blk, dv + dv_blk
+    else:
+      dk = dk.at[:, :, :kv_stop].add(dk_blk)
+      dv = dv.at[:, :, :kv_stop].add(dv_blk)
+  dq = dq_blocks[0] if len(dq_blocks) == 1 else jnp.concatenate(dq_blocks, axis=3)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                    scale: float, *, causal: bool, block: int) -> jax.Array:
+  """Softmax attention within segments, blockwise over queries, with a recomputing backward.
+
+  Same result as `attention.dense_attention(q, k, v, segment_mask(...), scale)` on every
+  non-padding query (padding queries, segment 0, attend nowhere; their output is unspecified
+  and zeroed by the caller).
+
+  Args:
+    q: `[batch, length, heads, head_dim]`.
+    k, v: `[batch, length, kv_heads, head_dim]`; heads is a multiple of kv_heads.
+    segment_ids: `[batch, length]` int, 0 = padding.
+    scale: multiplier of the logits (1/sqrt(head_dim)).
+    causal: attend to keys at or before the query only.
+    block: query rows per block when causal (<= 0 or >= length: one block).
+  Returns:
+    `[batch, length, heads, head_dim]` in q's dtype.
+  """
+  b, length, h, d = q.shape
+  kh = k.shape[2]
+  q = q.reshape(b, length, kh, h // kh, d).transpose(0, 2, 3, 1, 4)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  out = _attention(q, k, v, segment_ids, float(scale), bool(causal), int(block))
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, length, h, d)
