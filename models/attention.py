@@ -58,24 +58,6 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   return out.reshape(b, lq, h, d)
 
 
-def blockwise_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                               scale: float, block: int) -> jax.Array:
-  """Causal attention computed per query block against only the key blocks at or before it.
-
-  Same result as `dense_attention` with a causal mask, about half the work for long rows: query
-  block i never touches keys after block i. Shapes as in `dense_attention` (q_len == kv_len).
-  """
-  length = q.shape[1]
-  if length % block or length <= block:
-    return dense_attention(q, k, v, mask, scale)
-  outs = []
-  for start in range(0, length, block):
-    stop = start + block
-    outs.append(dense_attention(q[:, start:stop], k[:, :stop], v[:, :stop],
-                                mask[:, start:stop, :stop], scale))
-  return jnp.concatenate(outs, axis=1)
-
-
 class Attention(nnx.Module):
   """Self-attention with optional grouped-query heads, QKV biases and rotary positions."""
 

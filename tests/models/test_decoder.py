@@ -7,7 +7,7 @@ import pytest
 
 import models  # noqa: F401
 from configs.models import model_config
-from models.attention import blockwise_causal_attention, dense_attention, segment_mask
+from models.attention import dense_attention, segment_mask
 from models.build import build_model_spec
 
 
@@ -91,8 +91,6 @@ def test_grouped_query_attention_matches_naive():
   mask = np.asarray(segment_mask(jnp.asarray(seg), jnp.asarray(seg), causal=True))
   expected = naive_attention(q, k, v, mask, 0.3)
   np.testing.assert_allclose(dense_attention(q, k, v, mask, 0.3), expected, atol=1e-5)
-  np.testing.assert_allclose(blockwise_causal_attention(q, k, v, jnp.asarray(mask), 0.3, 4),
-                             expected, atol=1e-5)
 
 
 def test_segment_mask_padding_attends_nowhere():
