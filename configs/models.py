@@ -5,10 +5,15 @@ Every stage config picks one with `model_config(name)`. Fields:
   head_dim (0: d_model // num_heads), mlp_dim, norm ('rmsnorm' | 'layernorm'), norm_eps,
   position ('rope' | 'learned'), rope_theta, rope_scaling (see `_base`), max_length (learned
   positions / RoPE tables),
-  activation ('swiglu' | 'gelu'), qkv_bias, out_bias, mlp_bias, tie_embeddings,
+  activation ('swiglu' | 'gelu'), gelu_approximate (tanh GELU, else exact erf), qkv_bias,
+  out_bias, mlp_bias, tie_embeddings,
   dtype (compute), param_dtype, remat ('none' | 'full' | 'save_dots'), scan_layers,
-  attention ('auto' | 'dense' | 'blockwise'), attention_block (query/key block for 'blockwise'),
+  attention ('auto' = 'blockwise': models/flash_attention.py, query blocks with a recomputing
+  backward; 'dense': the plain [q, k] softmax, the reference), attention_block (query rows per
+  block, grown to length / 16 on long rows),
   init_std.
+Encoder only (models/encoder.py; BERT sets all three): norm_position ('pre' | 'post'),
+  embed_norm (a norm on the summed embeddings), type_vocab_size (token-type embeddings; 0: none).
 """
 
 import ml_collections
@@ -34,6 +39,8 @@ def _base() -> ml_collections.ConfigDict:
           original_max_length=8192)),
       max_length=2048,
       activation="swiglu",
+      # GELU form: tanh approximation (GPT-2) or exact erf (BERT, `hidden_act="gelu"` in HF).
+      gelu_approximate=True,
       qkv_bias=False,
       out_bias=False,
       mlp_bias=False,
@@ -45,6 +52,10 @@ def _base() -> ml_collections.ConfigDict:
       attention="auto",
       attention_block=128,
       init_std=0.02,
+      # Encoder (BERT) switches, see the module docstring; the defaults are the pre-norm body.
+      norm_position="pre",
+      embed_norm=False,
+      type_vocab_size=0,
   ))
 
 

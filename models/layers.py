@@ -145,6 +145,7 @@ class MLP(nnx.Module):
     pdt = dtype_of(cfg.param_dtype)
     self.dtype = dtype_of(cfg.dtype)
     self.activation = cfg.activation
+    self.gelu_approximate = cfg.get("gelu_approximate", True)  # False: exact erf GELU (BERT)
     if cfg.activation not in ("swiglu", "gelu"):
       raise ValueError(f"config.model.activation: unknown {cfg.activation!r} (swiglu | gelu)")
     init = nnx.initializers.normal(cfg.init_std)
@@ -172,6 +173,6 @@ class MLP(nnx.Module):
     if self.activation == "swiglu":
       hidden = jax.nn.silu(self._dense(x, self.gate, bias("gate_bias"))) * up
     else:
-      hidden = jax.nn.gelu(up, approximate=True)
+      hidden = jax.nn.gelu(up, approximate=self.gelu_approximate)
     hidden = constrain(hidden, ("batch", "length", "act_mlp"))
     return self._dense(hidden, self.down, bias("down_bias"))

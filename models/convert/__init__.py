@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out (Llama, Qwen2, Mistral, GPT-2; reward heads).
+"""Hugging Face checkpoints in and out (Llama, Qwen2, Mistral, GPT-2; reward heads; BERT MLM).
 
   import_hf(hf_dir, out_dir)   HF folder -> run directory (config.json + orbax params) that
                                any stage starts from with --config.init_from=out_dir

@@ -1,4 +1,5 @@
-"""Per-family tables: Hugging Face config <-> `config.model`, HF tensor names <-> our params.
+"""Per-family tables: Hugging Face config <-> `config.model`, HF tensor names <-> our params
+(Llama, Qwen2, Mistral, GPT-2 for the decoder; BERT for the MLM encoder).
 
 A family is data, not code: how to read a config, how to write one, and a list of
 `TensorMap`s. Each map names HF tensors (with `{i}` for the layer index), our param paths
@@ -43,6 +44,9 @@ class Family:
   # HF tensors that carry no weights (causal-mask buffers, RoPE caches): skipped on import.
   ignored: Callable[[str], bool] = lambda name: name.endswith("rotary_emb.inv_freq")
   prefix: str = ""                            # optional leading scope stripped on import
+  kind: str = "decoder"                       # our model kind of the family's LM class
+  # Older spellings of a tensor name in the files -> the table's name (applied on import).
+  canonical: Callable[[str], str] = lambda name: name
 
 
 def _lin(hf, ours, n_in=1):
@@ -234,6 +238,100 @@ def _gpt2_ignored(name: str) -> bool:
   return name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight"
 
 
+# --- BERT (masked LM) -------------------------------------------------------------------------
+
+# HF `hidden_act` -> our gelu_approximate: "gelu" is the exact erf form BERT was trained with.
+_BERT_GELUS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
+
+
+def _bert_read(hf: dict) -> dict:
+  act = hf.get("hidden_act", "gelu")
+  if act not in _BERT_GELUS:
+    raise ValueError(f"hidden_act {act!r}: only GELU ({', '.join(_BERT_GELUS)}) is supported")
+  if hf.get("position_embedding_type", "absolute") != "absolute":
+    raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r}: only "
+                     "'absolute' (learned positions) is supported")
+  if hf.get("is_decoder") or not hf.get("tie_word_embeddings", True):
+    raise ValueError("only the bidirectional BERT with its MLM decoder tied to the word "
+                     "embeddings converts (is_decoder=False, tie_word_embeddings=True)")
+  if hf.get("type_vocab_size", 2) < 1:
+    raise ValueError("type_vocab_size must be at least 1")
+  d, heads = hf["hidden_size"], hf["num_attention_heads"]
+  return dict(
+      vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["num_hidden_layers"],
+      num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
+      mlp_dim=hf["intermediate_size"], norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-12),
+      position="learned", max_length=hf["max_position_embeddings"], activation="gelu",
+      gelu_approximate=_BERT_GELUS[act], qkv_bias=True, out_bias=True, mlp_bias=True,
+      tie_embeddings=True, norm_position="post", embed_norm=True,
+      type_vocab_size=hf.get("type_vocab_size", 2))
+
+
+def _bert_write(cfg: ml_collections.ConfigDict) -> dict:
+  need = dict(norm="layernorm", position="learned", activation="gelu", qkv_bias=True,
+              out_bias=True, mlp_bias=True, norm_position="post", embed_norm=True)
+  wrong = {k: cfg[k] for k, v in need.items() if cfg[k] != v}
+  if (wrong or cfg.type_vocab_size < 1 or cfg.num_kv_heads != cfg.num_heads
+      or (cfg.head_dim or cfg.d_model // cfg.num_heads) * cfg.num_heads != cfg.d_model):
+    raise ValueError(f"bert export needs {need}, type_vocab_size >= 1, num_kv_heads == "
+                     f"num_heads and head_dim * num_heads == d_model; got {wrong}")
+  return dict(model_type="bert", vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+              intermediate_size=cfg.mlp_dim,
+              hidden_act="gelu_pytorch_tanh" if cfg.gelu_approximate else "gelu",
+              max_position_embeddings=cfg.max_length, type_vocab_size=cfg.type_vocab_size,
+              layer_norm_eps=cfg.norm_eps, position_embedding_type="absolute", is_decoder=False,
+              tie_word_embeddings=True, hidden_dropout_prob=0.1,
+              attention_probs_dropout_prob=0.1)
+
+
+def _bert_maps(cfg: ml_collections.ConfigDict) -> list[TensorMap]:
+  del cfg
+  e, h, c = "bert.embeddings.", "bert.encoder.layer.{i}.", "cls.predictions."
+  at = h + "attention."
+  return [
+      _copy(e + "word_embeddings.weight", ("embed",), n_in=1, per_layer=False),
+      _copy(e + "position_embeddings.weight", ("pos_embed",), n_in=1, per_layer=False),
+      _copy(e + "token_type_embeddings.weight", ("type_embed",), n_in=1, per_layer=False),
+      _copy(e + "LayerNorm.weight", ("embed_norm", "scale"), per_layer=False),
+      _copy(e + "LayerNorm.bias", ("embed_norm", "bias"), per_layer=False),
+      *[_lin(at + f"self.{n}.weight", ("attn", n[0])) for n in ("query", "key", "value")],
+      *[_copy(at + f"self.{n}.bias", ("attn", f"{n[0]}_bias")) for n in ("query", "key", "value")],
+      _lin(at + "output.dense.weight", ("attn", "o"), n_in=2),
+      _copy(at + "output.dense.bias", ("attn", "o_bias")),
+      # Post-norm: the LayerNorm after the attention residual is our `attn_norm`.
+      _copy(at + "output.LayerNorm.weight", ("attn_norm", "scale")),
+      _copy(at + "output.LayerNorm.bias", ("attn_norm", "bias")),
+      _lin(h + "intermediate.dense.weight", ("mlp", "up")),
+      _copy(h + "intermediate.dense.bias", ("mlp", "up_bias")),
+      _lin(h + "output.dense.weight", ("mlp", "down")),
+      _copy(h + "output.dense.bias", ("mlp", "down_bias")),
+      _copy(h + "output.LayerNorm.weight", ("mlp_norm", "scale")),
+      _copy(h + "output.LayerNorm.bias", ("mlp_norm", "bias")),
+      TensorMap((c + "transform.dense.weight",), (("head_dense",),), "linear", 1, per_layer=False),
+      _copy(c + "transform.dense.bias", ("head_bias",), per_layer=False),
+      _copy(c + "transform.LayerNorm.weight", ("head_norm", "scale"), per_layer=False),
+      _copy(c + "transform.LayerNorm.bias", ("head_norm", "bias"), per_layer=False),
+      _copy(c + "bias", ("output_bias",), per_layer=False),
+  ]
+
+
+def _bert_ignored(name: str) -> bool:
+  # The decoder tied to the word embeddings (weight) and to `cls.predictions.bias`; the
+  # position-id buffer of old checkpoints; the pooler and next-sentence head of
+  # BertForPreTraining / BertModel, which MLM does not use.
+  return (name in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
+                   "bert.embeddings.position_ids")
+          or name.startswith(("bert.pooler.", "cls.seq_relationship.")))
+
+
+def _bert_canonical(name: str) -> str:
+  # Checkpoints converted from the original TensorFlow release (bert-base-uncased on the Hub)
+  # name LayerNorm params gamma / beta; transformers renames them on load, and so do we.
+  return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
+                                                                     "LayerNorm.bias")
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "LlamaForCausalLM", _llama_read, _llama_write("llama"),
                     _llama_maps, _llama_ignored),
@@ -243,6 +341,8 @@ FAMILIES: dict[str, Family] = {
                     _llama_maps, _llama_ignored),
     "gpt2": Family("gpt2", "GPT2LMHeadModel", _gpt2_read, _gpt2_write, _gpt2_maps,
                    _gpt2_ignored, prefix="transformer."),
+    "bert": Family("bert", "BertForMaskedLM", _bert_read, _bert_write, _bert_maps,
+                   _bert_ignored, kind="encoder", canonical=_bert_canonical),
 }
 
 def family_for_hf(hf_config: dict[str, Any]) -> Family:
@@ -253,8 +353,11 @@ def family_for_hf(hf_config: dict[str, Any]) -> Family:
   return FAMILIES[model_type]
 
 
-def infer_family(cfg: ml_collections.ConfigDict) -> Family:
-  """The HF family that represents `config.model` (Mistral only when asked for by name)."""
+def infer_family(cfg: ml_collections.ConfigDict, kind: str = "decoder") -> Family:
+  """The HF family that represents `config.model` of our model `kind` (Mistral only when asked
+  for by name; every encoder is a BERT)."""
+  if kind == "encoder":
+    return FAMILIES["bert"]
   if cfg.position == "learned":
     return FAMILIES["gpt2"]
   if cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias:

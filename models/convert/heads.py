@@ -38,16 +38,20 @@ def has_lm_head(kind: str) -> bool:
   return kind not in HEAD_PARAMS
 
 
-def kind_of_hf(hf_config: dict[str, Any]) -> str:
-  """Our model kind for an HF config: "reward" for a one-label sequence classifier."""
+def kind_of_hf(hf_config: dict[str, Any], lm_kind: str = "decoder") -> str:
+  """Our model kind for an HF config: "reward" for a one-label sequence classifier on a
+  decoder family, else the family's LM kind `lm_kind` ("decoder", or "encoder" for BERT)."""
   architectures = hf_config.get("architectures") or []
   if any(a.endswith("ForSequenceClassification") for a in architectures):
+    if lm_kind != "decoder":
+      raise ValueError(f"{architectures[0]}: only the masked-LM model of an encoder family "
+                       "converts (its scalar heads sit on a decoder here)")
     labels = len(hf_config.get("id2label") or {0: "LABEL_0"})
     if labels != 1:
       raise ValueError(f"sequence classifier with {labels} labels: only a scalar head "
                        "(num_labels=1, a reward or value model) converts")
     return "reward"
-  return "decoder"
+  return lm_kind
 
 
 def hf_head_fields(kind: str, architecture: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from models import lora as lora_lib
 from models.build import build_model_spec
 from models.convert import heads, layout
 from models.convert.families import FAMILIES, Family, infer_family
-from models.convert.hf_import import TOKENIZER_FILES, body_maps
+from models.convert.hf_import import TOKENIZER_FILES, body_maps, check_kind
 from models.convert.safetensors_io import HFWriter
 from training.checkpoint import Checkpointer
 from training.metrics import CONFIG_FILE
@@ -124,7 +124,7 @@ def export_hf(run_dir: str, hf_dir: str, *, family: str | None = None, kind: str
   Args:
     run_dir: a converted directory or a training run's workdir (its latest checkpoint).
     hf_dir: output folder.
-    family: HF model_type to write (llama | mistral | qwen2 | gpt2); None infers it.
+    family: HF model_type to write (llama | mistral | qwen2 | gpt2 | bert); None infers it.
     kind: our model kind; None reads it from the run's config.
     dtype: stored dtype ("float32", "bfloat16", ...); None keeps `param_dtype`.
     max_shard_bytes: safetensors shard size.
@@ -135,7 +135,8 @@ def export_hf(run_dir: str, hf_dir: str, *, family: str | None = None, kind: str
   config = load_run_config(run_dir)
   model_cfg = config.model
   kind = kind or run_kind(config)
-  fam = FAMILIES[family] if family else infer_family(model_cfg)
+  fam = FAMILIES[family] if family else infer_family(model_cfg, kind)
+  check_kind(fam, kind)
   dtype = dtype or model_cfg.param_dtype
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
   source = ParamSource(run_dir, config, kind)

@@ -64,15 +64,23 @@ def model_config_from_hf(hf_config: dict[str, Any], *, param_dtype: str = "float
 
 def _resolve_names(reader: HFReader, family: Family) -> dict[str, str]:
   """Canonical HF name -> name in the files: also accepts checkpoints saved without the
-  family's leading scope (e.g. GPT-2's `h.0.ln_1.weight` for `transformer.h.0.ln_1.weight`)."""
+  family's leading scope (e.g. GPT-2's `h.0.ln_1.weight` for `transformer.h.0.ln_1.weight`)
+  and older spellings (`family.canonical`, e.g. BERT's `LayerNorm.gamma`)."""
   names = {}
   for name in reader.keys():
-    canonical = name
-    if family.prefix and not name.startswith(family.prefix) and not name.startswith(
+    canonical = family.canonical(name)
+    if family.prefix and not canonical.startswith(family.prefix) and not canonical.startswith(
         ("lm_head.", "score.")):
-      canonical = family.prefix + name
+      canonical = family.prefix + canonical
     names[canonical] = name
   return names
+
+
+def check_kind(family: Family, kind: str) -> None:
+  """An encoder family's tables fill an encoder, a decoder family's a decoder or its heads."""
+  if (kind == "encoder") != (family.kind == "encoder"):
+    raise ValueError(f"HF family {family.name!r} converts to/from our {family.kind!r} models, "
+                     f"not {kind!r}")
 
 
 def body_maps(family: Family, model_cfg: ml_collections.ConfigDict, kind: str) -> list:
@@ -204,7 +212,8 @@ def import_hf(hf_dir: str, out_dir: str, *, kind: str | None = None,
   """
   hf_config = read_hf_config(hf_dir)
   family = family_for_hf(hf_config)
-  kind = kind or heads.kind_of_hf(hf_config)
+  kind = kind or heads.kind_of_hf(hf_config, family.kind)
+  check_kind(family, kind)
   model_cfg = model_config_from_hf(hf_config, param_dtype=param_dtype, scan_layers=scan_layers)
   os.makedirs(out_dir, exist_ok=True)
   params = convert_hf_params(hf_dir, model_cfg, family, kind=kind, mesh=mesh, rules=rules)
