@@ -40,20 +40,29 @@ from data.pipeline import PackedIterDataset, load_texts
 from data.tokenizer import CHAT_SYMBOLS, MASK_SYMBOL, Tokenizer
 
 
+# The mask piece of this codebase's tokenizers, then BERT's (WordPiece) and RoBERTa's (BPE), so a
+# converted checkpoint's own tokenizer.json masks with the token it was pretrained with.
+MASK_PIECES = (MASK_SYMBOL, "[MASK]", "<mask>")
+# BERT's / RoBERTa's other special pieces: never masked, never drawn as random replacements.
+_HF_SPECIALS = ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "<s>", "</s>", "<pad>", "<unk>")
+
+
 def special_token_ids(tokenizer: Tokenizer) -> tuple:
   """Ids that are never masked nor used as random replacements, sorted."""
   ids = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id}
-  ids.update(tokenizer.token_to_id(s) for s in (*CHAT_SYMBOLS, MASK_SYMBOL))
-  return tuple(sorted(i for i in ids if i >= 0))
+  ids.update(tokenizer.token_to_id(s) for s in (*CHAT_SYMBOLS, *MASK_PIECES, *_HF_SPECIALS))
+  return tuple(sorted(i for i in ids if i is not None and i >= 0))
 
 
 def mask_token_id(tokenizer: Tokenizer) -> int:
-  """The id of `<|mask|>`; an error for a tokenizer trained without it."""
-  mask_id = tokenizer.token_to_id(MASK_SYMBOL)
-  if mask_id == tokenizer.unk_id:
-    raise ValueError(f"the tokenizer has no {MASK_SYMBOL} piece (trained before it was "
-                     "reserved?); retrain it (delete {workdir}/tokenizer) for MLM")
-  return mask_id
+  """The id of the first of `MASK_PIECES` the vocabulary has; an error if it has none."""
+  for piece in MASK_PIECES:
+    mask_id = tokenizer.token_to_id(piece)
+    if mask_id not in (tokenizer.unk_id, -1, None):
+      return mask_id
+  raise ValueError(f"the tokenizer has none of the mask pieces {MASK_PIECES} (a sentencepiece "
+                   "model trained before the mask was reserved?); retrain it (delete "
+                   "{workdir}/tokenizer) for MLM")
 
 
 @dataclasses.dataclass(frozen=True)

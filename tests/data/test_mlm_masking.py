@@ -33,8 +33,18 @@ def test_tokenizer_without_mask_symbol_is_an_error():
   class NoMask:  # what token_to_id answers for a piece the model lacks: the unk id
     unk_id = 1
     token_to_id = staticmethod(lambda piece: 1)
-  with pytest.raises(ValueError, match="no <\\|mask\\|> piece"):
+  with pytest.raises(ValueError, match="none of the mask pieces"):
     mask_token_id(NoMask())
+
+
+def test_bert_and_roberta_mask_pieces_of_converted_tokenizers():
+  def vocab_tokenizer(vocab):  # an HF tokenizer.json's answers: the unk id for other pieces
+    class Tok:
+      unk_id = vocab.get("[UNK]", -1)
+      token_to_id = staticmethod(lambda piece: vocab.get(piece, Tok.unk_id))
+    return Tok
+  assert mask_token_id(vocab_tokenizer({"[PAD]": 0, "[UNK]": 100, "[MASK]": 103})) == 103
+  assert mask_token_id(vocab_tokenizer({"<s>": 0, "<mask>": 50264})) == 50264
 
 
 def test_rule_by_hand():
