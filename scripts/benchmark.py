@@ -2,14 +2,34 @@
 
   python -m scripts.benchmark clm                     # the `bench` shape, 10 timed steps
   python -m scripts.benchmark clm --steps 20 --remat full --attention dense --dtype bfloat16
+  python -m scripts.benchmark generate                # 16 prompts x 64 tokens, 128 new tokens
+  python -m scripts.benchmark ppo                     # one PPO iteration, 16 x 64-token replies
   python -m scripts.benchmark --help
 
-Subcommands (SUBCOMMANDS): `clm` times the causal-LM train step of configs/pretrain.py:bench
-(d_model 512, 8 layers, 8 heads, SwiGLU 1536, vocab 8192, sequence 512, batch 8) exactly as
-training runs it: same mesh, sharded state, jitted and donated step, AdamW. It prints tokens/s,
-model FLOP/s (models/flops.py: 6N + causal attention), the float32 matmul FLOP/s measured on this
-machine in the same run, MFU (their ratio), the compiled step's memory and its compile time, then
-one JSON line with every figure.
+Subcommands (SUBCOMMANDS), each on random weights and random tokens, printing a readable block
+and then one JSON line with every figure:
+
+  clm       times the causal-LM train step of configs/pretrain.py:bench (d_model 512, 8
+            layers, 8 heads, SwiGLU 1536, vocab 8192, sequence 512, batch 8) exactly as
+            training runs it: same mesh, sharded state, jitted and donated step, AdamW. It
+            prints tokens/s, model FLOP/s (models/flops.py: 6N + causal attention), the float32
+            matmul FLOP/s measured on this machine in the same run, MFU (their ratio), the
+            compiled step's memory and its compile time.
+  generate  new tokens/s of the KV-cached sampler on the same model (training/
+            generation_bench.py): `--prompts` prompts of `--prompt_len` tokens, `--new_tokens`
+            (default 128) sampled at `--temperature`, no early stop; prefill and decode apart.
+  ppo       seconds per PPO iteration of configs/ppo.py:bench (training/rl/bench.py): a rollout
+            of `--prompts` replies of `--new_tokens` (default 64) tokens, scoring by a reward
+            model, reference and value head, one epoch of updates; split into generation,
+            scoring and update. Needs no tokenizer, run directory or checkpoint.
+
+`generate` and `ppo` also report model FLOP/s of their forward (and backward) passes and the
+MFU against the measured float32 matmul peak: context, since decoding is bound by memory and
+per-step overheads rather than by matmul rate.
+
+Flags are defined when the script runs, not when it is imported (`define_flags`), so tests
+can import it next to other entry points with flags of the same names; a flag that the chosen
+subcommand does not read is an error.
 
 On CPU the model's own matmuls run through XLA:CPU's dot emitter; see `_CPU_XLA_FLAGS` for the
 flags the benchmark sets (only here, never for tests or training) and why.
@@ -25,23 +45,6 @@ import time
 from typing import Any, Callable
 
 from absl import app, flags
-
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after warm-up).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps run after compiling.")
-_PRESET = flags.DEFINE_string("preset", "bench", "configs/pretrain.py preset to benchmark.")
-_REMAT = flags.DEFINE_enum("remat", None, ["none", "full", "save_dots"],
-                           "Override config.model.remat.")
-_ATTENTION = flags.DEFINE_enum("attention", None, ["auto", "dense", "blockwise"],
-                               "Override config.model.attention.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                           "Override config.model.dtype (compute dtype; params stay float32).")
-_BATCH = flags.DEFINE_integer("batch", None, "Override config.data.global_batch_size.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Override config.data.seq_len.")
-_PEAK_SIZES = flags.DEFINE_list("peak_sizes", ["1024", "2048"],
-                                "Square matmul sizes to measure the float32 peak at (best wins).")
-_PEAK_REPEATS = flags.DEFINE_integer("peak_repeats", 8, "Timed repeats per peak matmul size.")
-_XLA_FLAGS = flags.DEFINE_bool("xla_flags", True, "Set the benchmark's XLA:CPU flags "
-                               "(_CPU_XLA_FLAGS) before JAX starts.")
 
 # XLA:CPU flags the benchmark sets when XLA_FLAGS does not already hold them. Empty: none of
 # the flags tried (see the README's benchmark notes) made the step faster on XLA:CPU.
@@ -199,43 +202,165 @@ def format_clm(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+# The flags each subcommand reads (`xla_flags` is read by all); any other one set is an error.
+_COMMON_FLAGS = ("preset", "warmup", "attention", "dtype", "scan_layers", "peak_sizes",
+                 "peak_repeats")
+_SUBCOMMAND_FLAGS = {
+    "clm": _COMMON_FLAGS + ("remat", "steps", "batch", "seq_len"),
+    "generate": _COMMON_FLAGS + ("prompts", "prompt_len", "new_tokens", "repeats",
+                                 "temperature"),
+    "ppo": _COMMON_FLAGS + ("remat", "prompts", "prompt_len", "new_tokens", "repeats",
+                            "temperature"),
+}
+_WARMUP = {"clm": 2, "generate": 1, "ppo": 1}
+# generate: 128 new tokens per prompt; ppo: replies of 64 (configs/ppo.py:bench's rollout).
+_NEW_TOKENS = {"generate": 128, "ppo": 64}
+
+
+def define_flags() -> None:
+  """The script's flags; defined on use, not import: other entry points (scripts/convert.py's
+  `dtype`, ...) define flags of the same names, and tests import several in one process."""
+  # Every subcommand.
+  flags.DEFINE_string("preset", "bench", "Preset of the workload's config: configs/pretrain.py "
+                      "for clm and generate, configs/ppo.py for ppo.")
+  flags.DEFINE_integer("warmup", None, "Untimed steps / calls / iterations run after compiling "
+                       "(default: clm 2, generate 1, ppo 1; ppo's first one compiles).")
+  flags.DEFINE_enum("attention", None, ["auto", "dense", "blockwise"],
+                    "Override config.model.attention.")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                    "Override config.model.dtype (compute dtype; params stay float32).")
+  flags.DEFINE_list("peak_sizes", ["1024", "2048"],
+                    "Square matmul sizes to measure the float32 peak at (best wins).")
+  flags.DEFINE_integer("peak_repeats", 8, "Timed repeats per peak matmul size.")
+  flags.DEFINE_bool("xla_flags", True, "Set the benchmark's XLA:CPU flags (_CPU_XLA_FLAGS) "
+                    "before JAX starts.")
+  # clm and ppo (the workloads with a backward pass).
+  flags.DEFINE_enum("remat", None, ["none", "full", "save_dots"],
+                    "Override config.model.remat.")
+  flags.DEFINE_bool("scan_layers", None, "Override config.model.scan_layers (--noscan_layers: "
+                    "the layers unrolled, one program per layer).")
+  # clm.
+  flags.DEFINE_integer("steps", 10, "clm: timed steps (after warm-up).")
+  flags.DEFINE_integer("batch", None, "clm: override config.data.global_batch_size.")
+  flags.DEFINE_integer("seq_len", None, "clm: override config.data.seq_len.")
+  # generate and ppo.
+  flags.DEFINE_integer("prompts", 16, "generate, ppo: prompts per call / iteration.")
+  flags.DEFINE_integer("prompt_len", 64, "generate, ppo: tokens per (random) prompt.")
+  flags.DEFINE_integer("new_tokens", None, "generate, ppo: new tokens per prompt (default: "
+                       + ", ".join(f"{k} {v}" for k, v in _NEW_TOKENS.items()) + ").")
+  flags.DEFINE_integer("repeats", 3, "generate, ppo: timed calls / iterations (median).")
+  flags.DEFINE_float("temperature", 1.0, "generate, ppo: sampling temperature (0: greedy).")
+
+
+def _override_model(config, names) -> None:
+  """Sets config.model.<name> from each of the flags `names` that was given."""
+  for name in names:
+    value = flags.FLAGS[name].value
+    if value is not None:
+      config.model[name] = value
+
+
+def _warmup(subcommand: str) -> int:
+  value = flags.FLAGS.warmup
+  return _WARMUP[subcommand] if value is None else value
+
+
+def _new_tokens(subcommand: str) -> int:
+  value = flags.FLAGS.new_tokens
+  return _NEW_TOKENS[subcommand] if value is None else value
+
+
+def add_mfu(result: dict[str, Any]) -> dict[str, Any]:
+  """`result` with the measured float32 matmul peak (`--peak_sizes`) and `mfu`, the ratio of
+  its `model_flops_per_sec` to that peak."""
+  peak, peak_n = measure_peak([int(n) for n in flags.FLAGS.peak_sizes], flags.FLAGS.peak_repeats)
+  return dict(result, peak_flops_per_sec=peak, peak_matmul_size=peak_n,
+              mfu=result["model_flops_per_sec"] / peak)
+
+
+def format_mfu(result: dict[str, Any]) -> str:
+  """The peak and MFU lines of an `add_mfu` result."""
+  return "\n".join([
+      f"measured peak    {result['peak_flops_per_sec'] / 1e9:.1f} G "
+      f"(float32 {result['peak_matmul_size']}^3 matmul)",
+      f"MFU              {100 * result['mfu']:.1f}%"])
+
+
 def clm_config():
   """configs/pretrain.py:<--preset> with the command line's overrides."""
   from configs import pretrain  # pylint: disable=g-import-not-at-top
-  config = pretrain.get_config(_PRESET.value)
-  for flag, field in ((_REMAT, "remat"), (_ATTENTION, "attention"), (_DTYPE, "dtype")):
-    if flag.value is not None:
-      config.model[field] = flag.value
-  if _BATCH.value is not None:
-    config.data.global_batch_size = _BATCH.value
-  if _SEQ_LEN.value is not None:
-    config.data.seq_len = _SEQ_LEN.value
-    config.model.max_length = max(config.model.max_length, _SEQ_LEN.value)
+  config = pretrain.get_config(flags.FLAGS.preset)
+  _override_model(config, ("remat", "attention", "dtype", "scan_layers"))
+  if flags.FLAGS.batch is not None:
+    config.data.global_batch_size = flags.FLAGS.batch
+  if flags.FLAGS.seq_len is not None:
+    config.data.seq_len = flags.FLAGS.seq_len
+    config.model.max_length = max(config.model.max_length, flags.FLAGS.seq_len)
   return config
 
 
 def run_clm() -> dict[str, Any]:
-  result = benchmark_clm(clm_config(), steps=_STEPS.value, warmup=_WARMUP.value,
-                         peak_sizes=[int(n) for n in _PEAK_SIZES.value],
-                         peak_repeats=_PEAK_REPEATS.value)
+  result = benchmark_clm(clm_config(), steps=flags.FLAGS.steps, warmup=_warmup("clm"),
+                         peak_sizes=[int(n) for n in flags.FLAGS.peak_sizes],
+                         peak_repeats=flags.FLAGS.peak_repeats)
   print(format_clm(result))
   return result
 
 
-# One entry per workload; `generate` and `ppo` join here.
-SUBCOMMANDS: dict[str, Callable[[], dict[str, Any]]] = {"clm": run_clm}
+def run_generate() -> dict[str, Any]:
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  from training.generation_bench import (  # pylint: disable=g-import-not-at-top
+      benchmark_generate, format_generate)
+  config = pretrain.get_config(flags.FLAGS.preset)
+  _override_model(config, ("attention", "dtype", "scan_layers"))
+  f = flags.FLAGS
+  result = add_mfu(benchmark_generate(
+      config, batch=f.prompts, prompt_len=f.prompt_len, max_new_tokens=_new_tokens("generate"),
+      temperature=f.temperature, repeats=f.repeats, warmup=_warmup("generate")))
+  print(format_generate(result))
+  print(format_mfu(result))
+  return result
+
+
+def run_ppo() -> dict[str, Any]:
+  from configs import ppo  # pylint: disable=g-import-not-at-top
+  from training.rl.bench import benchmark_ppo, format_ppo  # pylint: disable=g-import-not-at-top
+  config = ppo.get_config(flags.FLAGS.preset)
+  _override_model(config, ("remat", "attention", "dtype", "scan_layers"))
+  f = flags.FLAGS
+  config.rl.temperature = f.temperature
+  result = add_mfu(benchmark_ppo(config, prompts=f.prompts, new_tokens=_new_tokens("ppo"),
+                                 prompt_len=f.prompt_len, repeats=f.repeats,
+                                 warmup=_warmup("ppo")))
+  print(format_ppo(result))
+  print(format_mfu(result))
+  return result
+
+
+# One entry per workload.
+SUBCOMMANDS: dict[str, Callable[[], dict[str, Any]]] = {
+    "clm": run_clm, "generate": run_generate, "ppo": run_ppo}
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     got = " ".join(argv[1:]) or "nothing"
     raise app.UsageError(f"expected one subcommand ({' | '.join(SUBCOMMANDS)}), got {got}")
-  if _XLA_FLAGS.value:
+  subcommand = argv[1]
+  # Only the flags defined here: absl's own (--verbosity, ...) may be set with any subcommand.
+  ours = set(_SUBCOMMAND_FLAGS["clm"] + _SUBCOMMAND_FLAGS["generate"]
+             + _SUBCOMMAND_FLAGS["ppo"])
+  unread = sorted(name for name in ours - set(_SUBCOMMAND_FLAGS[subcommand])
+                  if flags.FLAGS[name].present)
+  if unread:
+    raise app.UsageError(f"{subcommand} does not read --{', --'.join(unread)}")
+  if flags.FLAGS.xla_flags:
     _apply_xla_flags()
-  result = SUBCOMMANDS[argv[1]]()
+  result = SUBCOMMANDS[subcommand]()
   print(json.dumps(result, sort_keys=True))
   sys.stdout.flush()
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -1,54 +1,103 @@
 """`benchmark_ppo`: seconds per PPO iteration on the `bench` model, split into its phases.
 
-One iteration exactly as training runs it (training/rl/loop.py RLTrainer.iteration, same
-mesh, rules, jitted sampler and donated train step): a rollout of `prompts` replies of
-`new_tokens` tokens to random prompts of `prompt_len` tokens, scored by a reward model
-(random weights, the bench shape) with reference log-probs and values, then one epoch of
-PPO updates (`config.rl.minibatches` minibatches). The phases:
+Run through `python -m scripts.benchmark ppo`. One iteration exactly as training runs it
+(training/rl/loop.py RLTrainer.iteration, same mesh, rules, jitted sampler and donated train
+step): a rollout of `prompts` replies of `new_tokens` tokens to random prompts of `prompt_len`
+tokens, scored by a reward model (random weights, the policy's shape) with reference log-probs
+and values, then one epoch of PPO updates (`config.rl.minibatches` minibatches). The phases:
 
   generate_s   the sampler (prefill + KV-cached decode loop)
   score_s      reward model at the last token + policy / reference log-probs and values
   update_s     the PPO train steps
 
-All weights are random (no checkpoint is read): the figures are throughput, not learning.
-Every row runs to `new_tokens` unless a random stop token comes first (the loop runs while
-any row lives, so the work per call is the same).
+All weights are random (no checkpoint is read) and no tokenizer is needed: prompts are random
+ids and replies are scored as tokens, never text, so a fresh checkout runs it. Stop ids lie
+outside the vocabulary (`RandomTokenIds`), so every reply runs to `new_tokens`: each iteration
+does the same work and generates exactly `prompts * new_tokens` tokens. The figures are
+throughput, not learning.
 """
 
 from __future__ import annotations
 
 import statistics
-import tempfile
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from data.conversation import Prompt, Turn
+from data.tokenizer import PAD_ID
+from models.flops import forward_flops_per_token
+from training.generation_bench import generation_flops
 from training.rl.rollout import PromptItem
 
 
-def _tokenizer(path: str):
-  """A tokenizer for the stop / pad / EOS ids (replies are scored as tokens, never text)."""
-  from data import tiny_world
-  from data.tokenizer import Tokenizer, train_sentencepiece
-  if path:
-    return Tokenizer.load(path)
-  folder = tempfile.mkdtemp(prefix="bench_ppo_")
-  return Tokenizer.load(train_sentencepiece(tiny_world.generate_documents("train", 300),
-                                            f"{folder}/spm", 384))
+class RandomTokenIds:
+  """The ids a rollout reads from a tokenizer when prompts are random ids and replies are
+  scored by a reward model (no reward function, no answers, so nothing is decoded): padding,
+  EOS and the chat template's closing symbol (`token_to_id`, config.data.chat_template
+  'default'). EOS and the closing symbol are -1, an id the model never emits."""
+
+  pad_id = PAD_ID
+  eos_id = -1
+  # data/chat_template.py rejects a symbol that maps to `unk_id`; none here does.
+  unk_id = -2
+
+  def token_to_id(self, piece: str) -> int:
+    del piece  # every symbol the template asks for is the (never emitted) stop id
+    return self.eos_id
 
 
-def benchmark_ppo(config=None, *, prompts: int = 16, new_tokens: int = 64, prompt_len: int = 64,
-                  repeats: int = 3, warmup: int = 1, tokenizer_path: str = "",
-                  seed: int = 0) -> dict[str, Any]:
+def ppo_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Model FLOPs of one PPO iteration of `config` by phase (models/flops.py conventions).
+
+  Rows are `max_prompt_len + max_new_tokens` tokens (every reply runs to the end). Scoring is
+  three forward passes: the reward model (trunk only, its scalar head is negligible), the
+  policy and the reference (trunk over the shifted row, LM head over the reply positions).
+  An update is a policy forward plus its backward (twice the forward), per epoch. A critic
+  (`config.value.source` 'model') adds a trunk to each policy pass.
+
+  Returns:
+    {'generate', 'score', 'update'}: FLOPs of each phase.
+  """
+  cfg, rl = config.model, config.rl
+  rows = rl.prompts_per_iteration * rl.samples_per_prompt
+  length = rl.max_prompt_len + rl.max_new_tokens
+  head = 2 * cfg.d_model * cfg.vocab_size
+  # Per token, causal attention over the whole row.
+  trunk = forward_flops_per_token(cfg, length) - head
+  critic = trunk if config.value.source == "model" else 0
+  policy = rows * ((length - 1) * (trunk + critic) + rl.max_new_tokens * head)
+  reference = rows * ((length - 1) * trunk + rl.max_new_tokens * head)
+  return dict(generate=generation_flops(cfg, rows, rl.max_prompt_len, rl.max_new_tokens),
+              score=rows * length * trunk + policy + reference,
+              update=rl.epochs * 3 * policy)
+
+
+def benchmark_ppo(config: ml_collections.ConfigDict | None = None, *, prompts: int = 16,
+                  new_tokens: int = 64, prompt_len: int = 64, repeats: int = 3,
+                  warmup: int = 1, seed: int = 0) -> dict[str, Any]:
   """Times PPO iterations of `config` (default configs/ppo.py:bench).
+
+  Args:
+    config: a configs/ppo.py config; its model, mesh, optimizer and `rl` settings are used,
+      with `prompts_per_iteration`, `max_prompt_len`, `max_new_tokens` set from the arguments,
+      one sample per prompt, one epoch, no checkpoint, a random-weight reward model of the
+      policy's shape and no reward function.
+    prompts: replies per iteration.
+    new_tokens: tokens per reply.
+    prompt_len: tokens per (random) prompt.
+    repeats: timed iterations.
+    warmup: untimed iterations before them (the first one compiles).
+    seed: of the prompts.
 
   Returns:
     A flat dict: `iteration_s`, `generate_s`, `score_s`, `update_s` (medians over `repeats`
-    timed iterations after `warmup` compiling ones), their `*_mean`, `new_tokens_per_sec`
-    (rollout tokens over the generation time), `updates` per iteration, the shapes, and
-    `first_iteration_s` (compile included).
+    timed iterations) and their `*_mean`, `new_tokens` (generated per iteration, from the
+    rollouts' masks), `new_tokens_per_sec` (over the generation time), `updates` per
+    iteration, `*_flops` per iteration by phase (`ppo_flops`) and `model_flops_per_sec`
+    (their sum over the iteration time), the shapes, and `first_iteration_s`.
   """
   import models  # noqa: F401  (flax's variable-sharding mode)
   from configs import ppo
@@ -58,22 +107,27 @@ def benchmark_ppo(config=None, *, prompts: int = 16, new_tokens: int = 64, promp
   from training.rl.loop import RLTrainer, initial_kl_coef
   from training.rl.rewards import RewardModelScorer
 
+  if repeats < 1:
+    raise ValueError(f"repeats must be >= 1, got {repeats}")
   config = ppo.get_config("bench") if config is None else config
   config = config.copy_and_resolve_references()
   config.init_from = ""
   config.reward.update(dict(function="", model=""))
+  # The template only names the stop symbol here (prompts are ids): RandomTokenIds has one.
+  config.data.chat_template = "default"
   config.rl.update(dict(prompts_per_iteration=prompts, samples_per_prompt=1,
                         max_prompt_len=prompt_len, max_new_tokens=new_tokens, epochs=1))
   config.train.update(dict(steps=warmup + repeats, eval_every=0))
-  tokenizer = _tokenizer(tokenizer_path)
   rng = np.random.default_rng(seed)
+  # Ids from 4 up: 0-3 are the tokenizers' special symbols (pad, unk, BOS, EOS).
   items = [PromptItem(Prompt((Turn("user", f"random prompt {i}"),)),
                       tuple(int(t) for t in rng.integers(4, config.model.vocab_size,
                                                          prompt_len)))
            for i in range(prompts * (warmup + repeats))]
   reward_model = RewardModelScorer("", make_mesh(config.mesh), get_rules(config.mesh.rules),
                                    model_config=config.model)
-  trainer = RLTrainer(config, tokenizer=tokenizer, train_items=items, reward_model=reward_model)
+  trainer = RLTrainer(config, tokenizer=RandomTokenIds(), train_items=items,
+                      reward_model=reward_model)
   state = jax.block_until_ready(trainer.fresh_state())
   kl_coef = initial_kl_coef(config)
   records = []
@@ -83,28 +137,39 @@ def benchmark_ppo(config=None, *, prompts: int = 16, new_tokens: int = 64, promp
   timed = records[warmup:]
   median = lambda key: statistics.median(r[f"perf/{key}"] for r in timed)
   mean = lambda key: statistics.fmean(r[f"perf/{key}"] for r in timed)
+  response_length = statistics.fmean(r["train/response_length"] for r in timed)
   out = {"subcommand": "ppo", "devices": trainer.mesh.size,
          "platform": jax.devices()[0].platform, "params": count_params(trainer.spec.shapes),
-         "prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens,
+         "dtype": config.model.dtype, "attention": config.model.attention,
+         "remat": config.model.remat, "temperature": config.rl.temperature,
+         "prompts": prompts, "prompt_len": prompt_len, "new_tokens_per_reply": new_tokens,
          "updates": config.rl.epochs * config.rl.minibatches, "repeats": repeats,
-         "first_iteration_s": records[0]["perf/iteration_s"],
-         "response_length": statistics.fmean(r["train/response_length"] for r in timed)}
+         "warmup": warmup, "first_iteration_s": records[0]["perf/iteration_s"],
+         "response_length": response_length,
+         "new_tokens": int(round(prompts * response_length))}
   for key in ("iteration_s", "generate_s", "score_s", "update_s"):
     out[key], out[f"{key}_mean"] = median(key), mean(key)
-  out["new_tokens_per_sec"] = prompts * out["response_length"] / out["generate_s"]
+  out["new_tokens_per_sec"] = out["new_tokens"] / out["generate_s"]
+  flops = ppo_flops(config)
+  out.update({f"{phase}_flops": f for phase, f in flops.items()})
+  out["model_flops_per_sec"] = sum(flops.values()) / out["iteration_s"]
   return out
 
 
 def format_ppo(result: dict[str, Any]) -> str:
   """Human-readable lines of a `benchmark_ppo` result."""
+  rate = lambda phase: result[f"{phase}_flops"] / result[f"{phase}_s"] / 1e9
   return "\n".join([
       f"ppo: {result['params'] / 1e6:.1f}M params (policy + value head), {result['prompts']} "
-      f"prompts x {result['new_tokens']} new tokens (prompts of {result['prompt_len']}), "
-      f"{result['updates']} updates, {result['devices']} {result['platform']} device(s)",
-      f"iteration        {result['iteration_s']:.2f} s median (first, compiling: "
-      f"{result['first_iteration_s']:.1f} s)",
+      f"prompts x {result['new_tokens_per_reply']} new tokens (prompts of "
+      f"{result['prompt_len']}), {result['updates']} updates, {result['dtype']}, "
+      f"{result['devices']} {result['platform']} device(s)",
+      f"iteration        {result['iteration_s']:.2f} s median of {result['repeats']} (first, "
+      f"compiling: {result['first_iteration_s']:.1f} s)",
       f"  generation     {result['generate_s']:.2f} s ({result['new_tokens_per_sec']:,.0f} "
-      "new tokens/s)",
-      f"  scoring        {result['score_s']:.2f} s (reward model, reference, policy, values)",
-      f"  update         {result['update_s']:.2f} s",
+      f"new tokens/s, {rate('generate'):.1f} G model FLOP/s)",
+      f"  scoring        {result['score_s']:.2f} s (reward model, reference, policy, values; "
+      f"{rate('score'):.1f} G model FLOP/s)",
+      f"  update         {result['update_s']:.2f} s ({rate('update'):.1f} G model FLOP/s)",
+      f"model FLOP/s     {result['model_flops_per_sec'] / 1e9:.1f} G over the iteration",
   ])

@@ -1,0 +1,165 @@
+"""`benchmark_generate`: new tokens/s of the KV-cached sampler (models/sampler.py).
+
+Run through `python -m scripts.benchmark generate` (16 prompts of 64 tokens, 128 new tokens
+sampled, on the `bench` model). `benchmark_generate(config)` times `make_sampler`'s jitted
+prefill + decode loop exactly as generation runs it (same mesh and logical-axis rules as
+training, params initialised sharded) on `batch` random prompts of `prompt_len` tokens.
+`eos_id` is -1, a token the model never emits, so every row generates all `max_new_tokens`:
+every call does the same work and the count of new tokens is exact.
+
+Reported: new tokens/s over the whole call (prefill included), the prefill alone (a sampler
+with one new token), decode tokens/s without it, model FLOP/s of the forward passes
+(`generation_flops`) and the compile times.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any
+
+import ml_collections
+
+
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _time_calls(fn, args, repeats: int, warmup: int):
+  """Wall-clock and process CPU seconds of `repeats` calls, after `warmup` untimed ones.
+
+  The CPU time (all threads) is the steadier figure on a machine shared with other jobs.
+
+  Returns:
+    (wall seconds, CPU seconds, the last call's output).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  out = None
+  for _ in range(warmup):
+    out = jax.block_until_ready(fn(*args))
+  wall, cpu = [], []
+  for _ in range(repeats):
+    start, start_cpu = time.perf_counter(), _cpu_seconds()
+    out = jax.block_until_ready(fn(*args))
+    wall.append(time.perf_counter() - start)
+    cpu.append(_cpu_seconds() - start_cpu)
+  return wall, cpu, out
+
+
+def generation_flops(cfg: ml_collections.ConfigDict, batch: int, prompt_len: int,
+                     new_tokens: int) -> int:
+  """Forward model FLOPs of one sampler call (models/flops.py conventions).
+
+  The prompt goes through the trunk (logits at its last position only, which give the first
+  new token); each of the other `new_tokens - 1` tokens goes through trunk and LM head and
+  attends to the prompt and the tokens before it, `prompt_len + new_tokens / 2` keys on
+  average. `forward_flops_per_token(cfg, s)` counts a causal sequence of `s` (`s / 2` keys on
+  average), hence the doubled lengths below.
+  """
+  from models.flops import forward_flops_per_token  # pylint: disable=g-import-not-at-top
+  head = 2 * cfg.d_model * cfg.vocab_size
+  prefill = prompt_len * (forward_flops_per_token(cfg, prompt_len) - head) + head
+  decode = (new_tokens - 1) * forward_flops_per_token(cfg, 2 * prompt_len + new_tokens)
+  return batch * (prefill + decode)
+
+
+def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
+                       prompt_len: int = 64, max_new_tokens: int = 128,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict[str, Any]:
+  """Times generation with the model, mesh and rules of `config` (a configs/pretrain.py config).
+
+  Args:
+    config: its `model`, `mesh` and `seed` are read; the params are random.
+    batch: prompts per call; the prompts are random ids `[batch, prompt_len]`.
+    prompt_len: tokens per prompt.
+    max_new_tokens: tokens generated per prompt; no row stops early.
+    temperature, top_k, top_p: the sampling settings (temperature 0: greedy).
+    repeats: timed calls.
+    warmup: untimed calls before them (after compiling).
+    seed: of the prompts and of the sampling key.
+
+  Returns:
+    A flat dict: `new_tokens` (counted in the last call's output: `batch * max_new_tokens`),
+    `new_tokens_per_sec` (over the median call time), `call_s_*` wall-clock statistics,
+    `call_cpu_s_median` (process CPU time, all threads), `prefill_s`,
+    `decode_tokens_per_sec` (the new tokens after the first, over the call time minus the
+    prefill), `flops_per_call` and `model_flops_per_sec` (`generation_flops`), `compile_s`
+    and `prefill_compile_s`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  import models  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from models.build import build_model_spec, count_params  # pylint: disable=g-import-not-at-top
+  from models.sampler import check_length, make_sampler  # pylint: disable=g-import-not-at-top
+  from parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
+  from parallel.rules import (batch_sharding, get_rules,  # pylint: disable=g-import-not-at-top
+                              tree_shardings)
+
+  if repeats < 1:
+    raise ValueError(f"repeats must be >= 1, got {repeats}")
+  mesh, rules = make_mesh(config.mesh), get_rules(config.mesh.rules)
+  spec = build_model_spec(config.model)
+  check_length(spec, prompt_len, max_new_tokens)
+  shardings = tree_shardings(spec.logical_axes, spec.shapes, mesh, rules)
+  params = jax.jit(spec.init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  rng = np.random.default_rng(seed)
+  # Ids from 4 up: the ids below are the tokenizers' special symbols (pad, unk, BOS, EOS).
+  tokens = rng.integers(4, config.model.vocab_size, (batch, prompt_len)).astype(np.int32)
+  tokens = jax.device_put(tokens, batch_sharding(mesh, rules))
+  lengths = jax.device_put(np.full((batch,), prompt_len, np.int32),
+                           batch_sharding(mesh, rules, ndim=1))
+  settings = dict(eos_id=-1, temperature=temperature, top_k=top_k, top_p=top_p, mesh=mesh,
+                  rules=rules)
+  args = (params, tokens, lengths, jax.random.PRNGKey(seed))
+
+  def compile_sampler(new_tokens):
+    start = time.perf_counter()
+    compiled = make_sampler(spec, max_new_tokens=new_tokens, **settings).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+  sampler, compile_s = compile_sampler(max_new_tokens)
+  prefill, prefill_compile_s = compile_sampler(1)
+  times, cpu_times, out = _time_calls(sampler, args, repeats, warmup)
+  new_tokens = int(np.asarray(out["lengths"]).sum())
+  if new_tokens != batch * max_new_tokens:
+    raise RuntimeError(f"{new_tokens} new tokens, not {batch} x {max_new_tokens}: a row "
+                       "stopped early, and the benchmark needs every row to run to the end")
+  prefill_s = statistics.median(_time_calls(prefill, args, repeats, warmup)[0])
+  call_s = statistics.median(times)
+  flops = generation_flops(config.model, batch, prompt_len, max_new_tokens)
+  return dict(
+      subcommand="generate", devices=mesh.size, platform=jax.devices()[0].platform,
+      params=count_params(spec.shapes), batch=batch, prompt_len=prompt_len,
+      max_new_tokens=max_new_tokens, new_tokens=new_tokens, temperature=temperature,
+      top_k=top_k, top_p=top_p, dtype=config.model.dtype, attention=config.model.attention,
+      repeats=repeats, warmup=warmup, call_s_median=call_s,
+      call_s_mean=statistics.fmean(times), call_s_min=min(times),
+      call_cpu_s_median=statistics.median(cpu_times),
+      new_tokens_per_sec=new_tokens / call_s, prefill_s=prefill_s,
+      decode_tokens_per_sec=batch * (max_new_tokens - 1) / max(call_s - prefill_s, 1e-9),
+      flops_per_call=flops, model_flops_per_sec=flops / call_s, compile_s=compile_s,
+      prefill_compile_s=prefill_compile_s)
+
+
+def format_generate(result: dict[str, Any]) -> str:
+  """Human-readable lines of a `benchmark_generate` result."""
+  return "\n".join([
+      f"generate: {result['params'] / 1e6:.1f}M params, {result['batch']} prompts x "
+      f"{result['prompt_len']} tokens, {result['max_new_tokens']} new tokens, temperature "
+      f"{result['temperature']}, {result['dtype']}, {result['devices']} "
+      f"{result['platform']} device(s)",
+      f"call time        {result['call_s_median']:.3f} s median (mean "
+      f"{result['call_s_mean']:.3f}, min {result['call_s_min']:.3f}, {result['repeats']} runs; "
+      f"{result['call_cpu_s_median']:.3f} s of process CPU time)",
+      f"new tokens/s     {result['new_tokens_per_sec']:,.0f} ({result['new_tokens']} new "
+      "tokens per call)",
+      f"prefill          {result['prefill_s'] * 1e3:.1f} ms; decode "
+      f"{result['decode_tokens_per_sec']:,.0f} tokens/s",
+      f"model FLOP/s     {result['model_flops_per_sec'] / 1e9:.1f} G (forward passes)",
+      f"compile          {result['compile_s']:.1f} s (prefill-only sampler "
+      f"{result['prefill_compile_s']:.1f} s)",
+  ])
