@@ -10,7 +10,8 @@ Every stage config picks one with `model_config(name)`. Fields:
   dtype (compute), param_dtype, remat ('none' | 'full' | 'save_dots'), scan_layers,
   attention ('auto' = 'blockwise': models/flash_attention.py, query blocks with a recomputing
   backward; 'dense': the plain [q, k] softmax, the reference), attention_block (query rows per
-  block, grown to length / 16 on long rows),
+  block, grown to length / 16 on long rows), sliding_window (0: none; else a query attends to its
+  last sliding_window tokens, itself included: Mistral),
   init_std.
 Encoder only (models/encoder.py; BERT sets all three): norm_position ('pre' | 'post'),
   embed_norm (a norm on the summed embeddings), type_vocab_size (token-type embeddings; 0: none).
@@ -51,6 +52,9 @@ def _base() -> ml_collections.ConfigDict:
       scan_layers=True,
       attention="auto",
       attention_block=128,
+      # Sliding-window attention (Mistral): a query sees its last `sliding_window` tokens (itself
+      # included); 0: the whole segment.
+      sliding_window=0,
       init_std=0.02,
       # Encoder (BERT) switches, see the module docstring; the defaults are the pre-norm body.
       norm_position="pre",

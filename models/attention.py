@@ -25,14 +25,20 @@ from parallel.rules import constrain
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def segment_mask(q_segments: jax.Array, kv_segments: jax.Array, *, causal: bool) -> jax.Array:
+def segment_mask(q_segments: jax.Array, kv_segments: jax.Array, *, causal: bool,
+                 window: int = 0) -> jax.Array:
   """Boolean mask `[batch, q_len, kv_len]`: same non-zero segment, and key index <= query index
-  when causal (query i of a length-L row is key slot i)."""
+  when causal (query i of a length-L row is key slot i); with `window` > 0 also key index >
+  query index - window (sliding-window attention, causal only)."""
   mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] > 0)
   if causal:
     q_len, kv_len = q_segments.shape[1], kv_segments.shape[1]
     q_index = jnp.arange(q_len)[:, None] + (kv_len - q_len)
-    mask = mask & (jnp.arange(kv_len)[None, :] <= q_index)[None]
+    k_index = jnp.arange(kv_len)[None, :]
+    keep = k_index <= q_index
+    if window > 0:
+      keep = keep & (k_index > q_index - window)
+    mask = mask & keep[None]
   return mask
 
 
@@ -74,6 +80,7 @@ class Attention(nnx.Module):
     self.causal = True
     self.impl = cfg.attention
     self.block = cfg.attention_block
+    self.window = cfg.get("sliding_window", 0) or 0
     pdt = dtype_of(cfg.param_dtype)
     init = nnx.initializers.normal(cfg.init_std)
     out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
@@ -111,10 +118,11 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     scale = 1.0 / math.sqrt(self.head_dim)
     if self.impl == "dense":
-      out = dense_attention(q, k, v, segment_mask(segment_ids, segment_ids, causal=self.causal),
-                            scale)
+      out = dense_attention(q, k, v, segment_mask(segment_ids, segment_ids, causal=self.causal,
+                                                  window=self.window), scale)
     elif self.impl in ("auto", "blockwise"):
-      out = flash_attention(q, k, v, segment_ids, scale, causal=self.causal, block=self.block)
+      out = flash_attention(q, k, v, segment_ids, scale, causal=self.causal, block=self.block,
+                            window=self.window)
     else:
       raise ValueError(f"config.model.attention: unknown {self.impl!r} (auto | dense | blockwise)")
     # Padding rows attend nowhere: zero them rather than keep the uniform average.
@@ -146,7 +154,8 @@ class Attention(nnx.Module):
     if self.use_rope:
       cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.rope_scaling)
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = kv_cache.attend(q, k, v, segment_ids, cache, 1.0 / math.sqrt(self.head_dim))
+    out = kv_cache.attend(q, k, v, segment_ids, cache, 1.0 / math.sqrt(self.head_dim),
+                          window=self.window)
     out = out * (segment_ids > 0)[:, :, None, None].astype(out.dtype)
     out = constrain(out, ("batch", "length", "act_heads", "act_head_dim"))
     y = jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(self.dtype))

@@ -34,13 +34,18 @@ _F32 = jnp.float32
 
 
 def _block_mask(segment_ids: jax.Array, q_start: int, q_stop: int, kv_stop: int,
-                causal: bool) -> jax.Array:
-  """`[batch, q_stop - q_start, kv_stop]` bool: same non-zero segment (and key <= query)."""
+                causal: bool, window: int) -> jax.Array:
+  """`[batch, q_stop - q_start, kv_stop]` bool: same non-zero segment (and key <= query, and
+  key > query - window when `window` > 0)."""
   q_seg = segment_ids[:, q_start:q_stop, None]
   mask = (q_seg == segment_ids[:, None, :kv_stop]) & (q_seg > 0)
   if causal:
     q_index = jnp.arange(q_start, q_stop)[:, None]
-    mask = mask & (jnp.arange(kv_stop)[None, :] <= q_index)[None]
+    k_index = jnp.arange(kv_stop)[None, :]
+    keep = k_index <= q_index
+    if window > 0:
+      keep = keep & (k_index > q_index - window)
+    mask = mask & keep[None]
   return mask
 
 
@@ -65,10 +70,10 @@ def _logits(q, k, mask, scale):
   return jnp.where(mask[:, None, None], s, _MASK_VALUE)
 
 
-def _forward(q, k, v, segment_ids, scale, causal, block):
+def _forward(q, k, v, segment_ids, scale, causal, block, window):
   outs, lses = [], []
   for q_start, q_stop, kv_stop in _blocks(q.shape[3], block, causal):
-    mask = _block_mask(segment_ids, q_start, q_stop, kv_stop, causal)
+    mask = _block_mask(segment_ids, q_start, q_stop, kv_stop, causal, window)
     s = _logits(q[:, :, :, q_start:q_stop], k[:, :, :kv_stop], mask, scale)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
@@ -83,17 +88,17 @@ def _forward(q, k, v, segment_ids, scale, causal, block):
   return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, segment_ids, scale, causal, block):
-  return _forward(q, k, v, segment_ids, scale, causal, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _attention(q, k, v, segment_ids, scale, causal, block, window):
+  return _forward(q, k, v, segment_ids, scale, causal, block, window)[0]
 
 
-def _attention_fwd(q, k, v, segment_ids, scale, causal, block):
-  out, lse = _forward(q, k, v, segment_ids, scale, causal, block)
+def _attention_fwd(q, k, v, segment_ids, scale, causal, block, window):
+  out, lse = _forward(q, k, v, segment_ids, scale, causal, block, window)
   return out, (q, k, v, segment_ids, out, lse)
 
 
-def _attention_bwd(scale, causal, block, residuals, d_out):
+def _attention_bwd(scale, causal, block, window, residuals, d_out):
   q, k, v, segment_ids, out, lse = residuals
   # delta_i = sum_j p_ij dp_ij = <d_out_i, out_i>: the softmax backward's row term.
   delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1)
@@ -101,7 +106,7 @@ def _attention_bwd(scale, causal, block, residuals, d_out):
   dk = jnp.zeros(k.shape, _F32)
   dv = jnp.zeros(v.shape, _F32)
   for q_start, q_stop, kv_stop in _blocks(q.shape[3], block, causal):
-    mask = _block_mask(segment_ids, q_start, q_stop, kv_stop, causal)
+    mask = _block_mask(segment_ids, q_start, q_stop, kv_stop, causal, window)
     q_blk, d_out_blk = q[:, :, :, q_start:q_stop], d_out[:, :, :, q_start:q_stop]
     k_blk, v_blk = k[:, :, :kv_stop], v[:, :, :kv_stop]
     s = _logits(q_blk, k_blk, mask, scale)
@@ -127,7 +132,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                    scale: float, *, causal: bool, block: int) -> jax.Array:
+                    scale: float, *, causal: bool, block: int, window: int = 0) -> jax.Array:
   """Softmax attention within segments, blockwise over queries, with a recomputing backward.
 
   Same result as `attention.dense_attention(q, k, v, segment_mask(...), scale)` on every
@@ -141,6 +146,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     scale: multiplier of the logits (1/sqrt(head_dim)).
     causal: attend to keys at or before the query only.
     block: query rows per block when causal (<= 0 or >= length: one block).
+    window: sliding window when causal: a query attends to its last `window` tokens (itself
+      included); 0: no window.
   Returns:
     `[batch, length, heads, head_dim]` in q's dtype.
   """
@@ -148,5 +155,5 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   kh = k.shape[2]
   q = q.reshape(b, length, kh, h // kh, d).transpose(0, 2, 3, 1, 4)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-  out = _attention(q, k, v, segment_ids, float(scale), bool(causal), int(block))
+  out = _attention(q, k, v, segment_ids, float(scale), bool(causal), int(block), int(window))
   return out.transpose(0, 3, 1, 2, 4).reshape(b, length, h, d)

@@ -79,7 +79,7 @@ def init_cache(cfg: ml_collections.ConfigDict, batch: int, length: int) -> KVCac
 
 
 def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Array,
-           layer: KVCache, scale: float) -> jax.Array:
+           layer: KVCache, scale: float, window: int = 0) -> jax.Array:
   """Softmax attention of new tokens over one layer's cached slots and over each other.
 
   Args:
@@ -88,6 +88,8 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
     q_segments: `[batch, new_len]` their segment ids (0: padding, attends nowhere).
     layer: this layer's cache before the new tokens (k, v head-major).
     scale: logit multiplier (1 / sqrt(head_dim)).
+    window: sliding window (a query attends to its last `window` tokens); 0: none. A row's
+      slots hold consecutive tokens, so slot distance is token distance.
   Returns:
     `[batch, new_len, heads, head_dim]`, in q's dtype.
   """
@@ -102,6 +104,11 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
   old_mask = ((layer.segment_ids[:, None, :] == q_segments[:, :, None]) & valid
               & (slots < layer.index)[None, None, :])
   causal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
+  if window > 0:
+    # Query i sits at slot index + i: old slot s is in its window when s > index + i - window.
+    q_slot = layer.index + jnp.arange(n)
+    old_mask = old_mask & (slots[None, :] > q_slot[:, None] - window)[None]
+    causal = causal & (jnp.arange(n)[None, :] > jnp.arange(n)[:, None] - window)
   new_mask = (q_segments[:, :, None] == q_segments[:, None, :]) & valid & causal[None]
   logits = jnp.concatenate([jnp.where(old_mask[:, None, None], old, _MASK_VALUE),
                             jnp.where(new_mask[:, None, None], new, _MASK_VALUE)], axis=-1)

@@ -139,7 +139,7 @@ def _llama_write(model_type: str):
     else:
       out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     if model_type == "mistral":
-      out.update(sliding_window=None)
+      out.update(sliding_window=cfg.get("sliding_window", 0) or None)
     return out
   return write
 

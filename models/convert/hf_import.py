@@ -55,7 +55,10 @@ def model_config_from_hf(hf_config: dict[str, Any], *, param_dtype: str = "float
   cfg.param_dtype = param_dtype
   cfg.scan_layers = scan_layers
   window = hf_config.get("sliding_window")
-  if window and (hf_config.get("model_type") != "qwen2" or hf_config.get("use_sliding_window")):
+  if window and hf_config.get("model_type") == "mistral":
+    cfg.sliding_window = int(window)  # every layer: the decoder applies it (models/attention.py)
+  elif window and hf_config.get("use_sliding_window"):
+    # Qwen2 windows only its layers from max_window_layers on; the decoder has one setting.
     logging.warning("%s uses sliding-window attention (%d tokens); this decoder attends to the "
                     "whole row, which is the same only for sequences up to %d tokens.",
                     hf_config["model_type"], window, window)

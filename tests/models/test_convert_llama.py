@@ -28,9 +28,10 @@ CASES = {
     # q/k/v biases, tied embeddings.
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
         num_key_value_heads=2, tie_word_embeddings=True)),
-    # head_dim != hidden / heads, one KV head (MQA), window longer than the test rows.
+    # head_dim != hidden / heads, one KV head (MQA), a sliding window shorter than the test
+    # rows (12 and 8 tokens; packed documents of 5 and 7): the window is applied.
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(
-        num_key_value_heads=1, head_dim=12, sliding_window=64)),
+        num_key_value_heads=1, head_dim=12, sliding_window=4)),
 }
 
 
@@ -60,6 +61,7 @@ def test_config_maps_family_features(converted):
   assert (cfg.qkv_bias, cfg.out_bias) == ((True, False) if name == "qwen2" else (False, False))
   assert cfg.tie_embeddings == (name == "qwen2")
   assert cfg.rope_scaling.type == ("llama3" if name == "llama" else "none")
+  assert cfg.sliding_window == (4 if name == "mistral" else 0)
 
 
 def test_logits_match_with_padding(converted):

@@ -93,6 +93,14 @@ def test_grouped_query_attention_matches_naive():
   np.testing.assert_allclose(dense_attention(q, k, v, mask, 0.3), expected, atol=1e-5)
 
 
+def test_sliding_window_mask_by_hand():
+  seg = jnp.array([[1, 1, 1, 1, 2, 2]])
+  mask = np.asarray(segment_mask(seg, seg, causal=True, window=2))[0].astype(int)
+  np.testing.assert_array_equal(mask, [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0],
+                                       [0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0],
+                                       [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1]])
+
+
 def test_segment_mask_padding_attends_nowhere():
   seg = jnp.array([[1, 1, 2, 0]])
   mask = np.asarray(segment_mask(seg, seg, causal=True))[0]

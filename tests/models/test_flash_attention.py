@@ -27,15 +27,16 @@ def _real(x):
   return x * (SEGMENTS > 0)[:, :, None, None]
 
 
-@pytest.mark.parametrize("causal,block", [(True, 4), (True, 5), (True, 0), (False, 4)])
+@pytest.mark.parametrize("causal,block,window", [(True, 4, 0), (True, 5, 0), (True, 0, 0),
+                                                 (False, 4, 0), (True, 4, 3)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
-def test_values_and_gradients_equal_dense(causal, block, heads, kv_heads):
+def test_values_and_gradients_equal_dense(causal, block, window, heads, kv_heads):
   q, k, v, cot = _inputs(heads, kv_heads)
   seg = jnp.asarray(SEGMENTS)
-  mask = segment_mask(seg, seg, causal=causal)
+  mask = segment_mask(seg, seg, causal=causal, window=window)
   dense = lambda q, k, v: _real(dense_attention(q, k, v, mask, 0.35))
   flash = lambda q, k, v: _real(flash_attention(q, k, v, seg, 0.35, causal=causal,
-                                                block=block))
+                                                block=block, window=window))
   want, want_vjp = jax.vjp(dense, q, k, v)
   got, got_vjp = jax.vjp(jax.jit(flash), q, k, v)
   np.testing.assert_allclose(got, want, atol=2e-6)

@@ -75,9 +75,11 @@ def test_left_pad_and_prompt_inputs():
   np.testing.assert_array_equal(seg, [[0, 1, 1, 1], [0, 0, 0, 1]])
 
 
-@pytest.mark.parametrize("style", ["llama", "gpt2", "unrolled"])
+@pytest.mark.parametrize("style", ["llama", "gpt2", "unrolled", "window"])
 def test_cached_logits_equal_full_forward(style, llama, gpt2):
-  model = {"llama": llama, "gpt2": gpt2}.get(style) or Model(scan_layers=False)
+  # "window": sliding-window attention of 3 tokens, shorter than prompt and reply.
+  model = {"llama": llama, "gpt2": gpt2}.get(style) or (
+      Model(sliding_window=3) if style == "window" else Model(scan_layers=False))
   rng = np.random.default_rng(0)
   seqs = [rng.integers(4, 64, 10).tolist(), rng.integers(4, 64, 7).tolist()]
   prefill = [s[:-4] for s in seqs]  # 6 and 3 tokens, left-padded to 6
