@@ -18,6 +18,7 @@ from models.build import build_model_spec
 from training.checkpoint import Checkpointer
 from training.metrics import CONFIG_FILE, read_metrics
 from data.pipeline import resolve_tokenizer
+from training.rl.evaluation import Evaluator
 from training.rl.loop import RLTrainer, minibatch_plan, train_rl
 from training.rl.rollout import build_rows, fit_prompt, load_prompts, prompt_batch
 from training.stages import get_stage
@@ -38,7 +39,9 @@ def shrink(config, base_dir, reward_dir, steps):
   config.train.update(dict(steps=steps, eval_every=steps, log_every=1))
   config.checkpoint.update(dict(every_steps=1, async_save=False, max_to_keep=5))
   config.optimizer.update(dict(lr=1e-3, warmup_steps=1))
-  config.eval.update(dict(num_prompts=8, max_new_tokens=6, batch_size=8))
+  config.eval.update(dict(num_prompts=8, max_new_tokens=6, batch_size=8, samples=2))
+  if config.value.source == "model":
+    config.value.source = "head"  # one model fewer to build and compile
   if reward_dir:
     config.reward.model = reward_dir
   return config
@@ -96,8 +99,19 @@ def test_ppo_iterations_report_every_figure(ppo_run):
   assert [r["step"] for r in records] == [0, 1, 2]
   assert set(records[0]) == {"step"} | {
       f"{prefix}/{k}" for prefix in ("eval", "eval_train")
-      for k in ("reward", "kl", "answer_accuracy", "stop_rate", "response_length")}
-  assert records[0]["eval/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
+      for k in ("reward", "kl", "answer_accuracy", "stop_rate", "response_length",
+                "sampled_reward", "sampled_kl", "sampled_answer_accuracy",
+                "sampled_stop_rate")}
+  for prefix in ("eval", "eval_train"):
+    first = {k.split("/")[1]: v for k, v in records[0].items() if k.startswith(prefix + "/")}
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
+    assert first["sampled_kl"] == pytest.approx(0.0, abs=1e-5)
+    # 8 prompts x 2 samples: shares of 16 replies; a score is the answer check (0 / 1)
+    # minus 1 when unstopped.
+    assert first["sampled_answer_accuracy"] * 16 == pytest.approx(
+        round(first["sampled_answer_accuracy"] * 16))
+    assert first["sampled_reward"] == pytest.approx(
+        first["sampled_answer_accuracy"] - (1 - first["sampled_stop_rate"]))
   for r in records[1:]:
     for key in ("score", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl", "value_loss",
                 "explained_variance", "response_length", "stop_rate", "policy_loss", "loss"):
@@ -133,12 +147,29 @@ def test_ppo_resume_equals_uninterrupted(ppo_setup, ppo_run, tmp_path):
   want = {r["step"]: r for r in read_metrics(ppo_run[0])}
   got = {r["step"]: r for r in read_metrics(workdir)}
   for key in ("train/loss", "train/score", "train/kl", "train/kl_coef", "eval/reward",
-              "eval/kl"):
+              "eval/kl", "eval/sampled_reward", "eval/sampled_kl", "eval_train/sampled_reward"):
     assert got[2][key] == pytest.approx(want[2][key], abs=1e-6), key
   spec = build_model_spec(config.model)
   a = Checkpointer.restore_params(ppo_run[0], spec.shapes)
   b = Checkpointer.restore_params(workdir, spec.shapes)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_sampled_evaluation_is_reproducible_and_greedy_at_temperature_zero(ppo_setup,
+                                                                         ppo_run):
+  config, trainer = ppo_setup
+  params = trainer.fresh_state()["params"]  # the policy of iteration 0
+  items = trainer.evaluator.sets["eval"]
+  # Fixed sampling keys: the iteration-0 figures of the run come out again, to the bit.
+  first = {k: v for k, v in read_metrics(ppo_run[0])[0].items() if k.startswith("eval/")}
+  assert {f"eval/{k}": v for k, v in trainer.evaluator.evaluate(params, items).items()} == first
+  # Sampling at temperature 0, one sample per prompt, is the greedy evaluation.
+  greedy = Evaluator(trainer.engine, {"eval": items}, batch_size=config.eval.batch_size,
+                     max_new_tokens=config.eval.max_new_tokens, samples=1,
+                     sampling=dict(temperature=0.0))
+  figures = greedy.evaluate(params, items)
+  for key in ("reward", "kl", "answer_accuracy", "stop_rate"):
+    assert figures[f"sampled_{key}"] == pytest.approx(figures[key], abs=1e-6), key
 
 
 def test_grpo_with_a_reward_model(runs, tmp_path):
@@ -183,16 +214,26 @@ def test_rows_layout_prompt_batches_and_minibatch_plan():
     assert sorted(np.concatenate(epoch).tolist()) == list(range(8))
 
 
-def test_benchmark_ppo_splits_an_iteration(runs):
-  from training.rl.bench import benchmark_ppo
+def test_benchmark_ppo_splits_an_iteration():
+  # No run directory: random prompts, no tokenizer.
+  from training.rl.bench import benchmark_ppo, format_ppo, ppo_flops
   config = ppo_config.get_config("bench")
   config.model.update(SMALL)
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))
-  result = benchmark_ppo(config, prompts=8, new_tokens=4, prompt_len=8, repeats=1,
-                         tokenizer_path=os.path.join(runs[0], "tokenizer", "spm.model"))
+  result = benchmark_ppo(config, prompts=8, new_tokens=4, prompt_len=8, repeats=1, warmup=0)
   for key in ("generate_s", "score_s", "update_s"):
     assert result[key] > 0
   assert result["iteration_s"] == pytest.approx(
       result["generate_s"] + result["score_s"] + result["update_s"], rel=1e-6)
   assert result["updates"] == config.rl.minibatches and result["prompts"] == 8
-  assert 1 <= result["response_length"] <= 4
+  # Stop ids lie outside the vocabulary: every reply runs to the end.
+  assert result["response_length"] == 4 and result["new_tokens"] == 8 * 4
+  config.rl.update(dict(prompts_per_iteration=8, samples_per_prompt=1, max_prompt_len=8,
+                        max_new_tokens=4, epochs=1))
+  flops = ppo_flops(config)
+  # Scoring is three forward passes over the rows, generation about one.
+  assert result["update_flops"] == flops["update"] > 0
+  assert result["score_flops"] == flops["score"] > flops["generate"] == result["generate_flops"]
+  assert result["model_flops_per_sec"] == pytest.approx(
+      sum(flops.values()) / result["iteration_s"])
+  assert "update" in format_ppo(result)

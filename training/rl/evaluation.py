@@ -1,11 +1,12 @@
-"""Evaluation of an RL policy: greedy replies to held-out prompts (and to its own).
+"""Evaluation of an RL policy: greedy and sampled replies to held-out prompts (and its own).
 
 For the first `config.eval.num_prompts` distinct eval prompts (the tiny world's validation
-questions, or `config.data.eval_files`), greedy replies of up to `config.eval.max_new_tokens`
-tokens give
+questions, or `config.data.eval_files`), replies of up to `config.eval.max_new_tokens` tokens
+give two sets of figures.
 
-  eval/reward           mean score (reward function / model, missing-stop penalty included):
-                        the figure RL raises
+Greedy replies (one per prompt: the policy's single best guess):
+
+  eval/reward           mean score (reward function / model, missing-stop penalty included)
   eval/answer_accuracy  reply states the prompt's answer (data/tiny_tasks.answer_correct), when
                         the prompts carry answers: comparable to SFT's eval/answer_accuracy
   eval/stop_rate        reply ended with a stop token
@@ -14,6 +15,23 @@ tokens give
                         KL(pi(.|s_t) || pi_ref(.|s_t)) of the next-token distributions (greedy
                         replies are no samples of pi, so no Monte-Carlo estimate: the exact
                         per-token KL at the states the policy visits)
+
+Sampled replies (`config.eval.samples` per prompt at the rollouts' temperature, top-k and
+top-p): the policy's expected reward E_{y ~ pi(.|x)} r(x, y), the quantity RL maximises and
+the "eval reward" RLHF papers report. It moves where greedy replies need not: sharpening the
+policy towards replies it already gives some of the time raises it, while the greedy reply
+changes only when the most likely reply flips.
+
+  eval/sampled_reward           mean score over the samples (missing-stop penalty included)
+  eval/sampled_answer_accuracy  share of samples stating the answer (when prompts have one)
+  eval/sampled_stop_rate        share of samples that ended with a stop token
+  eval/sampled_kl               mean over samples of the summed exact per-token KL along the
+                                reply: an unbiased, low-variance estimate of the sequence-level
+                                KL(pi || pi_ref) on these prompts
+
+The sampling keys are a fixed function of (`config.seed`, prompt set, batch), the same at
+every evaluation, so the before and after figures share their randomness (common random
+numbers: the difference measures the policy, not the draw).
 
 The same figures on the first `config.eval.num_prompts` distinct prompts RL trains on come
 as `eval_train/*`: how far the policy has moved on its own prompts, against `eval/*`, how much
@@ -25,7 +43,8 @@ Run at iteration 0 (the initial, i.e. SFT, policy: the "before" figures) and eve
 
 from __future__ import annotations
 
-from typing import Sequence
+import zlib
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -34,19 +53,28 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from data import tiny_tasks
 from parallel.rules import use_mesh_rules
 from training.rl.policy import response_logits, token_kl
-from training.rl.rollout import PromptItem, RolloutEngine, to_global, to_host
+from training.rl.rollout import PromptItem, RolloutEngine, repeat_items, to_global, to_host
 
 
 class Evaluator:
-  """Greedy held-out evaluation with one compiled sampler and one compiled KL pass."""
+  """Greedy and sampled held-out evaluation: one compiled sampler each, one compiled KL pass
+  (every batch is full, so each compiles once)."""
 
   def __init__(self, engine: RolloutEngine, sets: dict[str, Sequence[PromptItem]], *,
-               batch_size: int, max_new_tokens: int):
-    """`sets`: prefix ('eval', 'eval_train') -> its prompts."""
+               batch_size: int, max_new_tokens: int, samples: int = 0,
+               sampling: dict | None = None, seed: int = 0):
+    """`sets`: prefix ('eval', 'eval_train') -> its prompts. `samples`: sampled replies per
+    prompt (0: greedy figures only) with `sampling`, the sampler's temperature / top_k / top_p
+    (the rollouts' own, `config.rl`'s, in train_rl). `seed`: of the fixed sampling keys."""
     if not all(sets.values()):
       raise ValueError("no prompts to evaluate")
+    if samples < 0:
+      raise ValueError(f"config.eval.samples must be >= 0, got {samples}")
     self.engine, self.sets, self.batch_size = engine, dict(sets), batch_size
-    self._sample = engine.make_sampler(max_new_tokens, temperature=0.0)
+    self.samples, self.seed = samples, seed
+    self._greedy = engine.make_sampler(max_new_tokens, temperature=0.0)
+    self._sampled = (engine.make_sampler(max_new_tokens, **(sampling or {}))
+                     if samples else None)
     spec, mesh, rules = engine.spec, engine.mesh, engine.rules
     ref_spec = engine.ref_spec
 
@@ -62,33 +90,55 @@ class Evaluator:
   def __call__(self, params) -> dict[str, float]:
     out = {}
     for prefix, items in self.sets.items():
-      out.update({f"{prefix}/{k}": v for k, v in self.evaluate(params, items).items()})
+      out.update({f"{prefix}/{k}": v for k, v in self.evaluate(params, items, prefix).items()})
     return out
 
-  def evaluate(self, params, all_items: Sequence[PromptItem]) -> dict[str, float]:
-    """reward, kl, response_length, stop_rate (and answer_accuracy) of greedy replies."""
+  def evaluate(self, params, items: Sequence[PromptItem], name: str = "eval"
+               ) -> dict[str, float]:
+    """Greedy reward, kl, response_length, stop_rate (and answer_accuracy) of `items`, and
+    with `samples` the sampled_* figures; `name` picks the set's fixed sampling keys."""
+    greedy = self._replies(params, items, self._greedy, lambda batch: jax.random.PRNGKey(0))
+    out = {"reward": float(np.mean(greedy["scores"])), "kl": float(np.mean(greedy["kls"])),
+           "response_length": float(np.mean(greedy["lengths"])),
+           "stop_rate": float(np.mean(greedy["stopped"]))}
+    if greedy["correct"]:
+      out["answer_accuracy"] = float(np.mean(greedy["correct"]))
+    if self.samples:
+      # Keys depend on (seed, set, batch) only, never on the iteration: every evaluation of
+      # this set draws with the same randomness.
+      base = jax.random.fold_in(jax.random.PRNGKey(self.seed), zlib.crc32(name.encode()))
+      sampled = self._replies(params, repeat_items(items, self.samples), self._sampled,
+                              lambda batch: jax.random.fold_in(base, batch))
+      out.update({"sampled_reward": float(np.mean(sampled["scores"])),
+                  "sampled_kl": float(np.mean(sampled["kls"])),
+                  "sampled_stop_rate": float(np.mean(sampled["stopped"]))})
+      if sampled["correct"]:
+        out["sampled_answer_accuracy"] = float(np.mean(sampled["correct"]))
+    return out
+
+  def _replies(self, params, all_items: Sequence[PromptItem], sample_fn,
+               batch_key: Callable[[int], jax.Array]) -> dict[str, list]:
+    """Per reply to each of `all_items`: score, KL, length, stopped, and answer correctness
+    (for items with answers), from `sample_fn` in full batches, batch i drawn with
+    `batch_key(i)`."""
     engine, n = self.engine, len(all_items)
-    scores, kls, lengths, stopped, correct = [], [], [], [], []
-    for start in range(0, n, self.batch_size):
+    out = {"scores": [], "kls": [], "lengths": [], "stopped": [], "correct": []}
+    for batch, start in enumerate(range(0, n, self.batch_size)):
       items = list(all_items[start:start + self.batch_size])
       real = len(items)
       # Full batches only: one compile, and the batch splits over the mesh.
       items = items + [items[0]] * (self.batch_size - real)
-      rng = jax.random.PRNGKey(0)  # unused: greedy
-      rows, mask, replies, stop = engine.sample(self._sample, params, items, rng)
+      rows, mask, replies, stop = engine.sample(sample_fn, params, items, batch_key(batch))
       prompts = [it.prompt for it in items]
       part_scores = engine.score(rows, replies, stop, prompts)
       device = to_global({**{k: rows[k] for k in ("tokens", "positions", "segment_ids")},
                           "mask": mask}, engine.mesh, engine.rules)
       part_kl = to_host(self._kl(params, engine.ref_params, device))
-      scores.extend(part_scores[:real])
-      kls.extend(part_kl[:real])
-      lengths.extend(mask.sum(-1)[:real])
-      stopped.extend(stop[:real])
-      correct.extend(tiny_tasks.answer_correct(r, p.answer)
-                     for r, p in zip(replies or (), prompts[:real]) if p.answer is not None)
-    out = {"reward": float(np.mean(scores)), "kl": float(np.mean(kls)),
-           "response_length": float(np.mean(lengths)), "stop_rate": float(np.mean(stopped))}
-    if correct:
-      out["answer_accuracy"] = float(np.mean(correct))
+      out["scores"].extend(part_scores[:real])
+      out["kls"].extend(part_kl[:real])
+      out["lengths"].extend(mask.sum(-1)[:real])
+      out["stopped"].extend(stop[:real])
+      out["correct"].extend(tiny_tasks.answer_correct(r, p.answer)
+                            for r, p in zip(replies or (), prompts[:real])
+                            if p.answer is not None)
     return out

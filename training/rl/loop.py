@@ -122,7 +122,8 @@ class RLTrainer:
                                 reward_model=reward_model)
     self.evaluator = None
     if eval_items:
-      # Greedy figures on held-out prompts, and on (distinct) prompts RL trains on.
+      # Greedy and sampled figures on held-out prompts, and on (distinct) prompts RL trains
+      # on.
       seen, distinct = set(), []
       for item in train_items:
         if item.tokens not in seen and len(distinct) < config.eval.num_prompts:
@@ -130,7 +131,10 @@ class RLTrainer:
           distinct.append(item)
       self.evaluator = Evaluator(self.engine, {"eval": eval_items, "eval_train": distinct},
                                  batch_size=config.eval.batch_size,
-                                 max_new_tokens=config.eval.max_new_tokens)
+                                 max_new_tokens=config.eval.max_new_tokens,
+                                 samples=config.eval.samples, seed=config.seed,
+                                 sampling=dict(temperature=rl.temperature, top_k=rl.top_k,
+                                               top_p=rl.top_p))
     self.train_step = make_train_step(self.spec, self.algorithm.loss_fn, self.optimizer,
                                       schedule, config.objective, mesh=self.mesh,
                                       rules=self.rules, shardings=self.shardings,
@@ -191,6 +195,8 @@ def format_rl_progress(iteration: int, total: int, record: dict) -> str:
                    ("eval_train/reward", "eval (train prompts) reward {:.3f}"),
                    ("eval/reward", "eval reward {:.3f}"),
                    ("eval/answer_accuracy", "eval acc {:.3f}"), ("eval/kl", "eval kl {:.3f}"),
+                   ("eval/sampled_reward", "eval sampled reward {:.3f}"),
+                   ("eval/sampled_kl", "eval sampled kl {:.3f}"),
                    ("perf/iteration_s", "{:.1f} s/iter")):
     if tag in record:
       parts.append(fmt.format(record[tag]))
