@@ -40,7 +40,7 @@ PIPELINE = (
 )
 # The held-out figure each stage exists for (shown in the summary when logged).
 HEADLINES = ("eval/loss", "eval_replay/loss", "eval/answer_accuracy", "eval/accuracy",
-             "eval/pairs/accuracy", "eval/reward", "eval/kl", "eval/nll",
+             "eval/pairs/accuracy", "eval/reward", "eval/sampled_reward", "eval/kl", "eval/nll",
              "eval/masked_accuracy")
 
 
@@ -87,7 +87,12 @@ def headline(run_dir: str) -> dict[str, float]:
 
 def run_pipeline(workdir: str, stages: list[str]) -> dict[str, dict[str, float]]:
   from training.run import run_stage
+  # A run of some stages keeps the other stages' figures of an earlier run of this workdir.
+  summary_path = os.path.join(workdir, "summary.json")
   summary = {}
+  if os.path.exists(summary_path):
+    with open(summary_path, encoding="utf-8") as f:
+      summary = {k: v for k, v in json.load(f).items() if k not in stages}
   for name, module, preset, overrides in stage_plan(workdir, stages):
     config = importlib.import_module(f"configs.{module}").get_config(preset)
     for path, value in overrides.items():
@@ -96,9 +101,10 @@ def run_pipeline(workdir: str, stages: list[str]) -> dict[str, dict[str, float]]
                                                                  overrides)))
     run_stage(config, os.path.join(workdir, name))
     summary[name] = headline(os.path.join(workdir, name))
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+    with open(summary_path, "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2, sort_keys=True)
-  return summary
+  # Every stage with figures in this workdir, in pipeline order.
+  return {name: summary[name] for name, *_ in PIPELINE if name in summary}
 
 
 def main(argv):
