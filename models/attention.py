@@ -16,30 +16,13 @@ import ml_collections
 from flax import nnx
 
 from models import kv_cache
-from models.flash_attention import flash_attention
+from models.flash_attention import flash_attention, segment_mask  # noqa: F401 (re-exported)
 from models.layers import apply_rope, dense, dtype_of, param, rope_scaling_of, rope_tables
 from parallel.rules import constrain
 
 # Large negative instead of -inf: a fully masked (padding) row then softmaxes to a finite
 # uniform distribution instead of NaN, and is zeroed afterwards.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def segment_mask(q_segments: jax.Array, kv_segments: jax.Array, *, causal: bool,
-                 window: int = 0) -> jax.Array:
-  """Boolean mask `[batch, q_len, kv_len]`: same non-zero segment, and key index <= query index
-  when causal (query i of a length-L row is key slot i); with `window` > 0 also key index >
-  query index - window (sliding-window attention, causal only)."""
-  mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] > 0)
-  if causal:
-    q_len, kv_len = q_segments.shape[1], kv_segments.shape[1]
-    q_index = jnp.arange(q_len)[:, None] + (kv_len - q_len)
-    k_index = jnp.arange(kv_len)[None, :]
-    keep = k_index <= q_index
-    if window > 0:
-      keep = keep & (k_index > q_index - window)
-    mask = mask & keep[None]
-  return mask
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

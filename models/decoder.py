@@ -59,7 +59,11 @@ class Block(nnx.Module):
 class BlockStack(nnx.Module):
   """`num_layers` blocks, stacked along a leading `layers` axis (scan) or kept as a list."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, causal: bool = True):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, causal: bool = True,
+               block_cls: type | None = None):
+    """`block_cls`: the block class (default `Block`; the BERT encoder passes its post-norm
+    block, which has the same parameters)."""
+    block_cls = block_cls or Block
     if cfg.remat not in REMAT_POLICIES:
       raise ValueError(f"config.model.remat: unknown {cfg.remat!r} ({' | '.join(REMAT_POLICIES)})")
     self.remat = cfg.remat
@@ -68,10 +72,10 @@ class BlockStack(nnx.Module):
       @nnx.split_rngs(splits=cfg.num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def make_stack(rngs):
-        return Block(cfg, rngs=rngs, causal=causal)
+        return block_cls(cfg, rngs=rngs, causal=causal)
       self.layers = make_stack(rngs)
     else:
-      self.layers = nnx.List([Block(cfg, rngs=rngs, causal=causal)
+      self.layers = nnx.List([block_cls(cfg, rngs=rngs, causal=causal)
                               for _ in range(cfg.num_layers)])
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,

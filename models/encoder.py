@@ -33,7 +33,7 @@ import ml_collections
 from flax import nnx
 
 from models import kv_cache
-from models.decoder import REMAT_POLICIES, Block, BlockStack
+from models.decoder import Block, BlockStack
 from models.layers import dtype_of, make_norm, param
 from parallel.rules import constrain
 
@@ -52,26 +52,6 @@ class PostNormBlock(Block):
     x = constrain(x, ("batch", "length", "act_embed"))
     x = self.mlp_norm(x + self.mlp(x))
     return constrain(x, ("batch", "length", "act_embed"))
-
-
-class PostNormBlockStack(BlockStack):
-  """`BlockStack` (same scan / list layout, remat and `__call__`) of bidirectional
-  `PostNormBlock`s."""
-
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    if cfg.remat not in REMAT_POLICIES:
-      raise ValueError(f"config.model.remat: unknown {cfg.remat!r} ({' | '.join(REMAT_POLICIES)})")
-    self.remat = cfg.remat
-    self.scan = cfg.scan_layers
-    if cfg.scan_layers:
-      @nnx.split_rngs(splits=cfg.num_layers)
-      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def make_stack(rngs):
-        return PostNormBlock(cfg, rngs=rngs, causal=False)
-      self.layers = make_stack(rngs)
-    else:
-      self.layers = nnx.List([PostNormBlock(cfg, rngs=rngs, causal=False)
-                              for _ in range(cfg.num_layers)])
 
 
 class Encoder(nnx.Module):
@@ -103,7 +83,7 @@ class Encoder(nnx.Module):
     if cfg.get("embed_norm", False):
       self.embed_norm = make_norm(cfg.d_model, cfg, rngs=rngs)
     if self.post_norm:
-      self.blocks = PostNormBlockStack(cfg, rngs=rngs)
+      self.blocks = BlockStack(cfg, rngs=rngs, causal=False, block_cls=PostNormBlock)
     else:
       self.blocks = BlockStack(cfg, rngs=rngs, causal=False)
       self.final_norm = make_norm(cfg.d_model, cfg, rngs=rngs)

@@ -33,20 +33,29 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _F32 = jnp.float32
 
 
-def _block_mask(segment_ids: jax.Array, q_start: int, q_stop: int, kv_stop: int,
-                causal: bool, window: int) -> jax.Array:
-  """`[batch, q_stop - q_start, kv_stop]` bool: same non-zero segment (and key <= query, and
-  key > query - window when `window` > 0)."""
-  q_seg = segment_ids[:, q_start:q_stop, None]
-  mask = (q_seg == segment_ids[:, None, :kv_stop]) & (q_seg > 0)
+def segment_mask(q_segments: jax.Array, kv_segments: jax.Array, *, causal: bool,
+                 window: int = 0) -> jax.Array:
+  """Boolean mask `[batch, q_len, kv_len]`: same non-zero segment, and key index <= query index
+  when causal (query i of a length-L row is key slot i); with `window` > 0 also key index >
+  query index - window (sliding-window attention, causal only)."""
+  mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] > 0)
   if causal:
-    q_index = jnp.arange(q_start, q_stop)[:, None]
-    k_index = jnp.arange(kv_stop)[None, :]
+    q_len, kv_len = q_segments.shape[1], kv_segments.shape[1]
+    q_index = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+    k_index = jnp.arange(kv_len)[None, :]
     keep = k_index <= q_index
     if window > 0:
       keep = keep & (k_index > q_index - window)
     mask = mask & keep[None]
   return mask
+
+
+def _block_mask(segment_ids: jax.Array, q_start: int, q_stop: int, kv_stop: int,
+                causal: bool, window: int) -> jax.Array:
+  """`[batch, q_stop - q_start, kv_stop]` bool mask of query block [q_start, q_stop) over keys
+  [0, kv_stop) (a causal block ends where its keys end: kv_stop == q_stop)."""
+  return segment_mask(segment_ids[:, q_start:q_stop], segment_ids[:, :kv_stop], causal=causal,
+                      window=window)
 
 
 # At most this many query blocks per row: each block is its own ops in the program (the block

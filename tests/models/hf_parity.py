@@ -7,6 +7,10 @@ cannot hide behind HF's zero / one initialisations.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +21,13 @@ from models.build import build_model_spec
 from training.checkpoint import Checkpointer
 
 TOL = 1e-4
+
+
+def run_convert(*args: str) -> subprocess.CompletedProcess:
+  """`python -m scripts.convert ARGS` in a fresh process on the CPU; raises if it fails."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "scripts.convert", *args], capture_output=True,
+                        text=True, env=env, check=True)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:

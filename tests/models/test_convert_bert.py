@@ -5,8 +5,6 @@ the command line, and the MLM stage starting from a conversion."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -168,9 +166,7 @@ def test_unsupported_variants_are_errors(converted, tmp_path):
 
 def test_command_line_round_trip(converted, tmp_path):
   root, hf_model, _, _, _ = converted
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  run = lambda *args: subprocess.run([sys.executable, "-m", "scripts.convert", *args],
-                                     capture_output=True, text=True, env=env, check=True)
+  run = hp.run_convert
   out = run("--from-hf", str(root / "hf"), "--to", str(tmp_path / "ours"))
   assert "--config.model.norm_position=post" in out.stdout
   assert "--config.model.type_vocab_size=2" in out.stdout

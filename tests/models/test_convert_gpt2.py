@@ -1,9 +1,6 @@
 """GPT-2 <-> ours: LayerNorm, learned positions, tanh GELU, biases everywhere, tied embeddings
 and Conv1D `[in, out]` weights with a fused c_attn; plus the command line."""
 
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -69,9 +66,7 @@ def test_unprefixed_base_model_checkpoint_imports(converted, tmp_path):
 
 def test_command_line_round_trip(converted, tmp_path):
   root, hf_model, _, _, _ = converted
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  run = lambda *args: subprocess.run([sys.executable, "-m", "scripts.convert", *args],
-                                     capture_output=True, text=True, env=env, check=True)
+  run = hp.run_convert
   out = run("--from-hf", str(root / "hf"), "--to", str(tmp_path / "ours"))
   assert "--config.init_from=" in out.stdout and "--config.model.position=learned" in out.stdout
   run("--from", str(tmp_path / "ours"), "--to-hf", str(tmp_path / "hf"), "--dtype", "bfloat16")
