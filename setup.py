@@ -32,7 +32,10 @@ setup(
     extras_require={
         # torch pinned: its CPU wheel; an unpinned torch would pull the CUDA build. The
         # conversion parity tests build random models with transformers 5's config API.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0"],
+        # jax[tpu] (libtpu) too: the TPU ahead-of-time compile tests run on CPU with it and
+        # would otherwise be skipped.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0",
+                 "jax[tpu]"],
         # jax's own extra pins the libtpu built for the installed jax; compile_check uses it
         # to compile for TPU topologies on any machine.
         "tpu": ["jax[tpu]"],
