@@ -112,27 +112,38 @@ def _attention_bwd(scale, causal, block, window, residuals, d_out):
   # delta_i = sum_j p_ij dp_ij = <d_out_i, out_i>: the softmax backward's row term.
   delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1)
   dq_blocks = []
-  dk = jnp.zeros(k.shape, _F32)
-  dv = jnp.zeros(v.shape, _F32)
+  # dK and dV are accumulated transposed, [batch, kv_heads, head_dim, length]: each block's
+  # dK^T = Q^T dS and dV^T = dO^T P keep the [q, k] block as the right-hand operand in its own
+  # layout (a plain GEMM); only the small [q, head_dim] operands are transposed. The
+  # optimization barriers stop XLA from folding those transposes back into the dots as a
+  # transposed left operand, a form XLA:CPU's fast GEMM path does not take.
+  dkt = jnp.zeros(k.shape[:2] + k.shape[3:] + k.shape[2:3], _F32)
+  dvt = jnp.zeros(dkt.shape, _F32)
+  qt = jax.lax.optimization_barrier(jnp.swapaxes(q, -1, -2))
+  d_out_t = jax.lax.optimization_barrier(jnp.swapaxes(d_out, -1, -2))
   for q_start, q_stop, kv_stop in _blocks(q.shape[3], block, causal):
     mask = _block_mask(segment_ids, q_start, q_stop, kv_stop, causal, window)
     q_blk, d_out_blk = q[:, :, :, q_start:q_stop], d_out[:, :, :, q_start:q_stop]
     k_blk, v_blk = k[:, :, :kv_stop], v[:, :, :kv_stop]
     s = _logits(q_blk, k_blk, mask, scale)
-    p = jnp.where(mask[:, None, None], jnp.exp(s - lse[..., q_start:q_stop, None]), 0.0)
+    # Masked logits are _MASK_VALUE, so exp is exactly 0 there; a padding row (all masked)
+    # gets the forward's uniform weights back. No second select over the block.
+    p = jnp.exp(s - lse[..., q_start:q_stop, None])
     dp = jnp.einsum("bkgqd,bksd->bkgqs", d_out_blk, v_blk, preferred_element_type=_F32)
     ds = p * (dp - delta[..., q_start:q_stop, None]) * scale
     dq_blocks.append(jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(k.dtype), k_blk,
                                 preferred_element_type=_F32))
-    dk_blk = jnp.einsum("bkgqs,bkgqd->bksd", ds.astype(q.dtype), q_blk,
-                        preferred_element_type=_F32)
-    dv_blk = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(d_out.dtype), d_out_blk,
-                        preferred_element_type=_F32)
+    dkt_blk = jnp.einsum("bkgdq,bkgqs->bkds", qt[..., q_start:q_stop], ds.astype(q.dtype),
+                         preferred_element_type=_F32)
+    dvt_blk = jnp.einsum("bkgdq,bkgqs->bkds", d_out_t[..., q_start:q_stop],
+                         p.astype(d_out.dtype), preferred_element_type=_F32)
     if kv_stop == k.shape[2]:
-      dk, dv = dk + dk_blk, dv + dv_blk
+      dkt, dvt = dkt + dkt_blk, dvt + dvt_blk
     else:
-      dk = dk.at[:, :, :kv_stop].add(dk_blk)
-      dv = dv.at[:, :, :kv_stop].add(dv_blk)
+      dkt = dkt.at[..., :kv_stop].add(dkt_blk)
+      dvt = dvt.at[..., :kv_stop].add(dvt_blk)
+  dkt, dvt = jax.lax.optimization_barrier((dkt, dvt))
+  dk, dv = jnp.swapaxes(dkt, -1, -2), jnp.swapaxes(dvt, -1, -2)
   dq = dq_blocks[0] if len(dq_blocks) == 1 else jnp.concatenate(dq_blocks, axis=3)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 

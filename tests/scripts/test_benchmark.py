@@ -4,6 +4,7 @@
 """
 
 import importlib
+import json
 import math
 import subprocess
 import sys
@@ -101,3 +102,34 @@ def test_help_lists_every_subcommands_flags():
 def test_usage_errors(args, message):
   result = run_script(*args)
   assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.mark.parametrize("choice, environ, tcmalloc, expected", [
+    ("auto", {}, "libtcmalloc_minimal.so.4",
+     ("tcmalloc", {"LD_PRELOAD": "libtcmalloc_minimal.so.4"})),
+    ("auto", {}, None, ("glibc_tuned", {"GLIBC_TUNABLES": benchmark._GLIBC_TUNABLES})),
+    ("glibc", {}, "libtcmalloc.so.4",
+     ("glibc_tuned", {"GLIBC_TUNABLES": benchmark._GLIBC_TUNABLES})),
+    ("system", {}, "libtcmalloc.so.4", ("system", {})),
+    # An allocator the caller set is kept.
+    ("auto", {"LD_PRELOAD": "libjemalloc.so.2"}, "libtcmalloc.so.4", ("system", {})),
+])
+def test_allocator_env(choice, environ, tcmalloc, expected):
+  assert benchmark.allocator_env(choice, environ, tcmalloc) == expected
+
+
+def test_allocator_tcmalloc_missing_is_a_usage_error():
+  with pytest.raises(Exception, match="no tcmalloc library found"):
+    benchmark.allocator_env("tcmalloc", {}, None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="allocator choice is Linux-only")
+def test_clm_command_runs_under_the_chosen_allocator():
+  # The real command line, shrunk: re-executes itself once under the allocator, then reports it.
+  result = run_script("clm", "--preset=tiny", "--steps=1", "--warmup=0", "--batch=8",
+                      "--seq_len=16", "--peak_sizes=64", "--peak_repeats=1",
+                      "--allocator=glibc")
+  assert result.returncode == 0, result.stderr[-2000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  assert figures["allocator"] == "glibc_tuned" and figures["tokens_per_sec"] > 0
+  assert result.stdout.count("clm: ") == 1  # one run, not one per process
