@@ -68,11 +68,8 @@ PRESETS = {
     "tiny": dict(vocab_size=512, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
                  mlp_dim=384, max_length=256, tie_embeddings=True),
     # The benchmark shape (scripts/benchmark.py): d 512, 8 layers, 8 heads, SwiGLU 1536, vocab 8192.
-    # Layers unrolled: at 8 layers the compile stays ~5 s, and on XLA:CPU the scanned step is
-    # ~10% slower (the loop stacks every layer's saved activations and runs one layer at a
-    # time); `--scan_layers` measures the scanned program.
     "bench": dict(vocab_size=8192, d_model=512, num_layers=8, num_heads=8, num_kv_heads=8,
-                  mlp_dim=1536, max_length=512, scan_layers=False),
+                  mlp_dim=1536, max_length=512),
     # GPT-2-small scale with a LLaMA body.
     "125m": dict(vocab_size=32000, d_model=768, num_layers=12, num_heads=12, num_kv_heads=12,
                  mlp_dim=2048, max_length=2048, tie_embeddings=True),

@@ -16,13 +16,12 @@ import ml_collections
 from flax import nnx
 
 from models import kv_cache
-from models.flash_attention import flash_attention, segment_mask  # noqa: F401 (re-exported)
+# MASK_VALUE: large negative instead of -inf, so a fully masked (padding) row softmaxes to a
+# finite uniform distribution instead of NaN (and is zeroed afterwards).
+from models.flash_attention import (  # noqa: F401 (segment_mask re-exported)
+    MASK_VALUE, flash_attention, segment_mask)
 from models.layers import apply_rope, dense, dtype_of, param, rope_scaling_of, rope_tables
 from parallel.rules import constrain
-
-# Large negative instead of -inf: a fully masked (padding) row then softmaxes to a finite
-# uniform distribution instead of NaN, and is zeroed afterwards.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -41,7 +40,7 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   kh = k.shape[2]
   q = q.reshape(b, lq, kh, h // kh, d)
   logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+  logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
   return out.reshape(b, lq, h, d)

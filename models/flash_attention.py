@@ -28,8 +28,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# As in models/attention.py: finite, so a fully masked (padding) row stays finite.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# The logit of a masked pair, for every attention path (dense, blockwise, KV cache): finite, so
+# a fully masked (padding) row stays finite.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _F32 = jnp.float32
 
 
@@ -76,7 +77,7 @@ def _blocks(length: int, block: int, causal: bool):
 
 def _logits(q, k, mask, scale):
   s = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=_F32) * scale
-  return jnp.where(mask[:, None, None], s, _MASK_VALUE)
+  return jnp.where(mask[:, None, None], s, MASK_VALUE)
 
 
 def _forward(q, k, v, segment_ids, scale, causal, block, window):
@@ -126,7 +127,7 @@ def _attention_bwd(scale, causal, block, window, residuals, d_out):
     q_blk, d_out_blk = q[:, :, :, q_start:q_stop], d_out[:, :, :, q_start:q_stop]
     k_blk, v_blk = k[:, :, :kv_stop], v[:, :, :kv_stop]
     s = _logits(q_blk, k_blk, mask, scale)
-    # Masked logits are _MASK_VALUE, so exp is exactly 0 there; a padding row (all masked)
+    # Masked logits are MASK_VALUE, so exp is exactly 0 there; a padding row (all masked)
     # gets the forward's uniform weights back. No second select over the block.
     p = jnp.exp(s - lse[..., q_start:q_stop, None])
     dp = jnp.einsum("bkgqd,bksd->bkgqs", d_out_blk, v_blk, preferred_element_type=_F32)

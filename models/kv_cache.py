@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from models.flash_attention import MASK_VALUE
 from models.layers import dtype_of
 from parallel.rules import Rules, constrain, tree_shardings
 
@@ -38,8 +39,6 @@ from parallel.rules import Rules, constrain, tree_shardings
 # them (`layers` is the scanned-stack parameter name, replicated by every preset).
 KV_AXES = ("layers", "batch", "act_kv_heads", "length", "act_head_dim")
 
-# As in models/attention.py: a masked logit, finite so that a fully masked row stays finite.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 class KVCache(NamedTuple):
@@ -110,8 +109,8 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
     old_mask = old_mask & (slots[None, :] > q_slot[:, None] - window)[None]
     causal = causal & (jnp.arange(n)[None, :] > jnp.arange(n)[:, None] - window)
   new_mask = (q_segments[:, :, None] == q_segments[:, None, :]) & valid & causal[None]
-  logits = jnp.concatenate([jnp.where(old_mask[:, None, None], old, _MASK_VALUE),
-                            jnp.where(new_mask[:, None, None], new, _MASK_VALUE)], axis=-1)
+  logits = jnp.concatenate([jnp.where(old_mask[:, None, None], old, MASK_VALUE),
+                            jnp.where(new_mask[:, None, None], new, MASK_VALUE)], axis=-1)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_new.dtype)
   cache_len = layer.k.shape[2]
   out = (jnp.einsum("bkgns,bksd->bnkgd", probs[..., :cache_len], layer.v)

@@ -89,9 +89,11 @@ def lora_delta(a: jax.Array, b: jax.Array, weight_shape: tuple, n_stack: int,
   return (jnp.matmul(a2, b2) * scale).reshape(weight_shape)
 
 
-# Top-level params of the decoder body; any other top-level param of a model (a reward /
-# value `score` head, an MLM head) is a task head, trained in full next to the adapters.
-BODY_PARAMS = ("embed", "pos_embed", "blocks", "final_norm", "lm_head")
+# Top-level params of the model body (decoder, and the encoder's token-type embeddings and
+# embedding norm); any other top-level param (a reward / value `score` head, the MLM head) is a
+# task head, trained in full next to the adapters.
+BODY_PARAMS = ("embed", "pos_embed", "type_embed", "embed_norm", "blocks", "final_norm",
+               "lm_head")
 
 
 def _without(tree: dict, keys) -> dict:
