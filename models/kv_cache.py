@@ -40,7 +40,6 @@ from parallel.rules import Rules, constrain, tree_shardings
 KV_AXES = ("layers", "batch", "act_kv_heads", "length", "act_head_dim")
 
 
-
 class KVCache(NamedTuple):
   """The stacked cache; inside a layer, the same tuple holds that layer's `k, v` slices
   `[batch, kv_heads, cache_len, head_dim]`."""

@@ -34,7 +34,8 @@ subcommand does not read is an error.
 On CPU the model's own matmuls run through XLA:CPU's dot emitter; see `_CPU_XLA_FLAGS` for the
 flags the benchmark sets (only here, never for tests or training) and why. On Linux the script
 runs under a host allocator that keeps freed memory for reuse (`--allocator`, default: tcmalloc
-when installed, else tuned glibc; see `_ALLOCATOR_ENV`), re-executing itself once to set it.
+when installed, else tuned glibc; see training/host_allocator.py), re-executing itself once to
+set it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from typing import Any, Callable
 
 from absl import app, flags
 
+from training import host_allocator
+
 # XLA:CPU flags the benchmark sets when XLA_FLAGS does not already hold them. Empty: none of
 # the flags tried (see the README's benchmark notes) made the step faster on XLA:CPU.
 _CPU_XLA_FLAGS: tuple[str, ...] = ()
@@ -60,65 +63,6 @@ def _apply_xla_flags() -> str:
   if extra:
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
   return os.environ.get("XLA_FLAGS", "")
-
-
-# The host allocator the benchmark runs under (`--allocator`). XLA:CPU allocates a step's
-# temporaries (2.5 GiB at the bench shape) afresh on every call. glibc's malloc serves blocks
-# that big with mmap and unmaps them on free, so every step faults in and zeroes all of it
-# again: measured, ~700k page faults and a sixth of the step in the kernel. An allocator that
-# keeps freed memory for reuse removes that. tcmalloc does (preloaded when installed, e.g.
-# Debian's libtcmalloc-minimal4); without it, glibc is told to (one arena, no mmap, no
-# trimming). The choice needs the environment at process start, so the script re-executes
-# itself once with it; `_ALLOCATOR_ENV` marks the re-executed process.
-_ALLOCATOR_ENV = "SCRIPTS_BENCHMARK_ALLOCATOR"
-_TCMALLOC_NAMES = ("tcmalloc_minimal", "tcmalloc")
-_GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                   "glibc.malloc.trim_threshold=1099511627776")
-
-
-def find_tcmalloc() -> str | None:
-  """The tcmalloc shared library's name for LD_PRELOAD, or None when not installed."""
-  import ctypes.util  # pylint: disable=g-import-not-at-top
-  for name in _TCMALLOC_NAMES:
-    found = ctypes.util.find_library(name)
-    if found:
-      return found
-  return None
-
-
-def allocator_env(choice: str, environ: dict[str, str],
-                  tcmalloc: str | None) -> tuple[str, dict[str, str]]:
-  """(allocator name, environment variables to set) for `--allocator=choice`.
-
-  `auto` is tcmalloc when `tcmalloc` (its library) is given, else tuned glibc; `system` changes
-  nothing. An LD_PRELOAD or GLIBC_TUNABLES already in `environ` is kept (the caller chose).
-  """
-  if choice == "system" or environ.get("LD_PRELOAD") or environ.get("GLIBC_TUNABLES"):
-    return "system", {}
-  if choice == "tcmalloc" and tcmalloc is None:
-    raise app.UsageError("--allocator=tcmalloc: no tcmalloc library found (install e.g. "
-                         "libtcmalloc-minimal4, or use --allocator=auto)")
-  if choice in ("auto", "tcmalloc") and tcmalloc is not None:
-    return "tcmalloc", {"LD_PRELOAD": tcmalloc}
-  return "glibc_tuned", {"GLIBC_TUNABLES": _GLIBC_TUNABLES}
-
-
-def _reexec_with_allocator(choice: str) -> str:
-  """Re-executes this script under the `--allocator` choice (once, Linux only); returns the
-  allocator the current process runs under."""
-  if _ALLOCATOR_ENV in os.environ:
-    return os.environ[_ALLOCATOR_ENV]
-  if not sys.platform.startswith("linux"):
-    return "system"
-  name, env = allocator_env(choice, dict(os.environ), find_tcmalloc())
-  if not env:
-    return name
-  os.environ.update(env)
-  os.environ[_ALLOCATOR_ENV] = name
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execv(sys.executable, [sys.executable, "-m", "scripts.benchmark", *sys.argv[1:]])
-  return name  # Not reached.
 
 
 def random_clm_batch(rng, batch: int, seq_len: int, vocab: int) -> dict[str, Any]:
@@ -295,9 +239,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("peak_repeats", 8, "Timed repeats per peak matmul size.")
   flags.DEFINE_bool("xla_flags", True, "Set the benchmark's XLA:CPU flags (_CPU_XLA_FLAGS) "
                     "before JAX starts.")
-  flags.DEFINE_enum("allocator", "auto", ["auto", "tcmalloc", "glibc", "system"],
-                    "Host memory allocator (Linux; see _ALLOCATOR_ENV): auto = tcmalloc when "
-                    "installed, else glibc tuned to keep freed memory; system = as started.")
+  flags.DEFINE_enum("allocator", "auto", list(host_allocator.CHOICES),
+                    "Host memory allocator (Linux; training/host_allocator.py): auto = "
+                    "tcmalloc when installed, else glibc tuned to keep freed memory; system = "
+                    "as started.")
   # clm and ppo (the workloads with a backward pass).
   flags.DEFINE_enum("remat", None, ["none", "full", "save_dots"],
                     "Override config.model.remat.")
@@ -418,7 +363,10 @@ def main(argv):
                   if flags.FLAGS[name].present)
   if unread:
     raise app.UsageError(f"{subcommand} does not read --{', --'.join(unread)}")
-  allocator = _reexec_with_allocator(flags.FLAGS.allocator)
+  try:
+    allocator = host_allocator.reexec_with_allocator(flags.FLAGS.allocator, "scripts.benchmark")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   if flags.FLAGS.xla_flags:
     _apply_xla_flags()
   result = dict(SUBCOMMANDS[subcommand](), allocator=allocator)

@@ -1,7 +1,6 @@
 """GPT-2 <-> ours: LayerNorm, learned positions, tanh GELU, biases everywhere, tied embeddings
 and Conv1D `[in, out]` weights with a fused c_attn; plus the command line."""
 
-
 import jax
 import numpy as np
 import pytest

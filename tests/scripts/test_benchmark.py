@@ -104,25 +104,6 @@ def test_usage_errors(args, message):
   assert result.returncode != 0 and message in result.stderr
 
 
-@pytest.mark.parametrize("choice, environ, tcmalloc, expected", [
-    ("auto", {}, "libtcmalloc_minimal.so.4",
-     ("tcmalloc", {"LD_PRELOAD": "libtcmalloc_minimal.so.4"})),
-    ("auto", {}, None, ("glibc_tuned", {"GLIBC_TUNABLES": benchmark._GLIBC_TUNABLES})),
-    ("glibc", {}, "libtcmalloc.so.4",
-     ("glibc_tuned", {"GLIBC_TUNABLES": benchmark._GLIBC_TUNABLES})),
-    ("system", {}, "libtcmalloc.so.4", ("system", {})),
-    # An allocator the caller set is kept.
-    ("auto", {"LD_PRELOAD": "libjemalloc.so.2"}, "libtcmalloc.so.4", ("system", {})),
-])
-def test_allocator_env(choice, environ, tcmalloc, expected):
-  assert benchmark.allocator_env(choice, environ, tcmalloc) == expected
-
-
-def test_allocator_tcmalloc_missing_is_a_usage_error():
-  with pytest.raises(Exception, match="no tcmalloc library found"):
-    benchmark.allocator_env("tcmalloc", {}, None)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="allocator choice is Linux-only")
 def test_clm_command_runs_under_the_chosen_allocator():
   # The real command line, shrunk: re-executes itself once under the allocator, then reports it.
