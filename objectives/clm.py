@@ -30,6 +30,24 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Arr
   return log_z - target_logit, log_z
 
 
+def top1_correct(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """`argmax(logits, -1) == targets` as float32 `[...]`, ties going to the lowest index as in
+  `jnp.argmax`, for finite logits.
+
+  Computed without the argmax: the target is the first maximum when its logit equals the row's
+  max and every logit before it is smaller. Two float max-reductions instead of argmax's
+  (value, index) pair reduction, which XLA:CPU runs ~4x slower (~60 ms a step on the `bench`
+  shape's `[4096, 8192]` logits).
+  """
+  logits = logits.astype(jnp.float32)
+  targets = targets.astype(jnp.int32)
+  row_max = jnp.max(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  max_before = jnp.max(jnp.where(index < targets[..., None], logits, -jnp.inf), axis=-1)
+  return ((target_logit == row_max) & (max_before < row_max)).astype(jnp.float32)
+
+
 def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """log p(target) per token, float32 `[...]`."""
   return -token_nll(logits, targets)[0]
@@ -53,7 +71,7 @@ def clm_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array, *,
   z_term = z_loss * jnp.square(log_z)
   mask = loss_mask.astype(jnp.float32)
   per_token = jnp.where(mask > 0, nll + z_term, 0.0)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = top1_correct(logits, targets)
   metrics = {
       "loss": weighted_sum(nll + z_term, mask),
       "nll": weighted_sum(nll, mask),

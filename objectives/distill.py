@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from objectives.clm import token_nll
+from objectives.clm import token_nll, top1_correct
 from objectives.reductions import Metrics, weighted_sum
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -110,7 +110,7 @@ def distill_loss(student_logits: jax.Array, teacher_logits: jax.Array, targets: 
       "loss": weighted_sum(per_token_loss, mask),
       "divergence": weighted_sum(div, mask),
       "nll": weighted_sum(nll, mask),
-      "accuracy": weighted_sum((student_top == targets).astype(jnp.float32), mask),
+      "accuracy": weighted_sum(top1_correct(student_logits, targets), mask),
       "teacher_nll": weighted_sum(teacher_nll, mask),
       "agreement": weighted_sum(
           (student_top == jnp.argmax(teacher_logits, axis=-1)).astype(jnp.float32), mask),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from objectives.clm import token_nll
+from objectives.clm import token_nll, top1_correct
 from objectives.reductions import Metrics, weighted_sum
 
 
@@ -39,7 +39,7 @@ def mlm_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array, *,
   nll, _ = token_nll(logits, targets)
   mask = loss_mask.astype(jnp.float32)
   per_token = jnp.where(mask > 0, nll, 0.0)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = top1_correct(logits, targets)
   metrics = {
       "loss": weighted_sum(nll, mask),
       "masked_accuracy": weighted_sum(correct, mask),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.test_util import check_grads
 
-from objectives.clm import clm_loss, token_nll
+from objectives.clm import clm_loss, token_nll, top1_correct
 from objectives.reductions import finalize_metrics
 
 
@@ -88,3 +88,24 @@ def test_token_nll_matches_log_softmax():
     for t in range(2):
       assert abs(float(nll[b, t]) + _log_softmax(LOGITS[b, t])[TARGETS[b, t]]) < 1e-5
   np.testing.assert_allclose(log_z[1, 0], 1.0 + math.log(3), rtol=1e-6)
+
+
+def test_top1_correct_equals_argmax_with_ties():
+  # Ties are where the two-reduction form could differ from argmax (first index wins).
+  logits = np.array([[1.0, 3.0, 3.0, 0.0],     # max tied at 1 and 2: argmax is 1
+                     [2.0, 2.0, 2.0, 2.0],     # all tied: argmax is 0
+                     [-1.0, -5.0, -0.5, -0.5],
+                     [0.0, 0.0, 7.0, 7.0]], np.float32)
+  for target in range(4):
+    targets = np.full((4,), target, np.int32)
+    expected = (np.argmax(logits, -1) == targets).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(top1_correct(jnp.asarray(logits), targets)),
+                                  expected)
+  # Random rows with many ties (few distinct values), batched like a model's logits.
+  rng = np.random.default_rng(0)
+  logits = rng.integers(0, 4, (3, 50, 16)).astype(np.float32)
+  targets = rng.integers(0, 16, (3, 50)).astype(np.int32)
+  targets[0] = np.argmax(logits[0], -1)              # a row of hits, checked exactly too
+  got = np.asarray(jax.jit(top1_correct)(logits, targets))
+  np.testing.assert_array_equal(got, (np.argmax(logits, -1) == targets).astype(np.float32))
+  assert got[0].all() and 0 < got[1:].mean() < 1
