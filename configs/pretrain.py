@@ -34,6 +34,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 50
   elif arg == "bench":
     config.model = model_config("bench")
+    # Eight layers compile in seconds unrolled, and XLA:CPU runs the unrolled train step ~12%
+    # faster than the scanned loop (layers overlap; no stacked residuals). Deep presets scan.
+    config.model.scan_layers = False
     config.data.source = "tiny_world"
     config.data.seq_len = 512
     config.data.global_batch_size = 8
