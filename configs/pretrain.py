@@ -34,8 +34,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 50
   elif arg == "bench":
     config.model = model_config("bench")
-    # Eight layers compile in seconds unrolled, and XLA:CPU runs the unrolled train step ~12%
-    # faster than the scanned loop (layers overlap; no stacked residuals). Deep presets scan.
+    # Eight layers compile in seconds unrolled, and XLA:CPU runs the unrolled train step ~8%
+    # faster than the scanned loop (5.5 against 5.95 s). Deep presets scan.
     config.model.scan_layers = False
     config.data.source = "tiny_world"
     config.data.seq_len = 512

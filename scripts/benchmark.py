@@ -55,8 +55,8 @@ from training import host_allocator
 # none). An empty YNNPACK fusion type sends every dot to XLA:CPU's Eigen GEMMs instead of
 # YNNPACK: measured on the `bench` step, the big 2-D GEMMs run at the same rate either way, but
 # attention's small batched GEMMs (64 (row, head) pairs of 128 x 512 x 64) run ~2x faster, as
-# YNNPACK ran them on about one core (attention forward + backward ~145 -> ~110 ms per layer,
-# the unrolled step 6.3 -> 5.5 s). CPU training gains the same from this XLA_FLAGS value.
+# YNNPACK ran them on about one core (attention forward + backward ~140 -> ~107 ms per layer,
+# ~6 points of the step's MFU). CPU training gains the same from this XLA_FLAGS value.
 _CPU_XLA_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",)
 
 
@@ -251,7 +251,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("remat", None, ["none", "full", "save_dots"],
                     "Override config.model.remat.")
   flags.DEFINE_bool("scan_layers", None, "Override config.model.scan_layers (--noscan_layers: "
-                    "the layers unrolled, one program per layer).")
+                    "the layers unrolled, one program per layer). Default: the preset's for "
+                    "clm and ppo (bench: unrolled, scanned), scanned for generate.")
   # clm.
   flags.DEFINE_integer("steps", 10, "clm: timed steps (after warm-up).")
   flags.DEFINE_integer("batch", None, "clm: override config.data.global_batch_size.")
