@@ -8,8 +8,8 @@ custom VJP) recomputes the probabilities from the saved log-sum-exp instead of k
 (Dao et al., 2022, FlashAttention, sec. 3.1), so a layer saves only q, k, v, its output and
 one float per query and head for the backward pass.
 
-Why this shape on XLA:CPU (measured on the `bench` model, see scripts/benchmark.py): the
-generic path (`attention.dense_attention`) runs ~5x below the matmul rate because every
+Why this shape on XLA:CPU (README, "Benchmarks", has the `bench` model's figures): the
+generic path (`attention.dense_attention`) runs far below the matmul rate because every
 `[batch, heads, q, k]` intermediate (the broadcast mask, the where, the probabilities kept for
 the backward pass) is a round trip through freshly allocated memory; here the per-block
 intermediates are the only big arrays, the probabilities are normalised after the PV matmul

@@ -11,7 +11,8 @@ is the same for every row.
 
 Head-major layout: a decode step's attention is then one batched matrix-vector product per
 (row, kv head) over contiguous memory; with the `[batch, length, heads, ...]` layout of
-training, XLA:CPU transposes the whole cache first and decoding is ~9x slower.
+training, XLA:CPU transposes the whole cache first and decoding is several times slower
+(README, "Benchmarks").
 
 A step: each layer attends from the new tokens to its cached slots plus the new tokens
 themselves (`attend`) and hands back their keys / values; after the last layer `append`

@@ -31,8 +31,8 @@ def dense(x: jax.Array, kernel: jax.Array, in_dims: int = 1, **dot_kwargs) -> ja
   "bld,df->blf" gives weight gradients that contract over (batch, length); XLA:CPU lays those
   out by fusing a transpose into the elementwise producer of the gradient (SiLU', the softmax
   of the loss), which then runs far below memory speed. With 2-D operands every forward and
-  backward product is a plain GEMM on row-major operands (the `bench` MLP block's train step
-  is ~1.8x faster).
+  backward product is a plain GEMM on row-major operands (README, "Benchmarks", has the
+  speed-up).
   """
   in_shape, out_shape = kernel.shape[:in_dims], kernel.shape[in_dims:]
   lead = x.shape[:x.ndim - in_dims]

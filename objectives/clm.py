@@ -36,8 +36,8 @@ def top1_correct(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
   Computed without the argmax: the target is the first maximum when its logit equals the row's
   max and every logit before it is smaller. Two float max-reductions instead of argmax's
-  (value, index) pair reduction, which XLA:CPU runs ~4x slower (~60 ms a step on the `bench`
-  shape's `[4096, 8192]` logits).
+  (value, index) pair reduction, which XLA:CPU runs several times slower on logits as big as
+  the `bench` shape's `[4096, 8192]` (README.md, Benchmarks).
   """
   logits = logits.astype(jnp.float32)
   targets = targets.astype(jnp.int32)

@@ -2,7 +2,8 @@
 
 With `libtpu` installed (`pip install -e .[tpu]`, which scripts/compile_check.py needs to compile
 for TPU topologies on any machine), JAX's default backend search loads libtpu even where no TPU
-is attached: it costs about a second and prints libtpu's start-up errors on every run.
+is attached: it costs start-up time (docs/scale_out.md) and prints libtpu's start-up errors
+on every run.
 `avoid_tpu_probe()` (run when `parallel` is imported, before any backend starts) limits the search
 to the CPU in exactly the case where JAX would end up on the CPU anyway; a TPU VM, a GPU machine,
 an installed PJRT plugin, or an explicit `JAX_PLATFORMS` leave JAX's choice untouched.

@@ -15,13 +15,14 @@ and then one JSON line with every figure:
             prints tokens/s, model FLOP/s (models/flops.py: 6N + causal attention), the float32
             matmul FLOP/s measured on this machine in the same run, MFU (their ratio), the
             compiled step's memory and its compile time.
-  generate  new tokens/s of the KV-cached sampler on the same model (training/
-            generation_bench.py): `--prompts` prompts of `--prompt_len` tokens, `--new_tokens`
-            (default 128) sampled at `--temperature`, no early stop; prefill and decode apart.
-  ppo       seconds per PPO iteration of configs/ppo.py:bench (training/rl/bench.py): a rollout
-            of `--prompts` replies of `--new_tokens` (default 64) tokens, scoring by a reward
-            model, reference and value head, one epoch of updates; split into generation,
-            scoring and update. Needs no tokenizer, run directory or checkpoint.
+  generate  new tokens/s of the KV-cached sampler on the same model
+            (scripts/benchmarks/generation.py): `--prompts` prompts of `--prompt_len` tokens,
+            `--new_tokens` (default 128) sampled at `--temperature`, no early stop; prefill and
+            decode apart.
+  ppo       seconds per PPO iteration of configs/ppo.py:bench (scripts/benchmarks/ppo.py): a
+            rollout of `--prompts` replies of `--new_tokens` (default 64) tokens, scoring by a
+            reward model, reference and value head, one epoch of updates; split into
+            generation, scoring and update. Needs no tokenizer, run directory or checkpoint.
 
 `generate` and `ppo` also report model FLOP/s of their forward (and backward) passes and the
 MFU against the measured float32 matmul peak: context, since decoding is bound by memory and
@@ -32,10 +33,10 @@ can import it next to other entry points with flags of the same names; a flag th
 subcommand does not read is an error.
 
 On CPU the benchmark sends every dot to XLA:CPU's Eigen GEMMs; see `_CPU_XLA_FLAGS` for the
-flags it sets (only here, never for tests or training) and why. On Linux the script
-runs under a host allocator that keeps freed memory for reuse (`--allocator`, default: tcmalloc
-when installed, else tuned glibc; see training/host_allocator.py), re-executing itself once to
-set it.
+flags it sets (only here, never for tests or training) and why. On Linux the script runs
+under a host allocator that keeps freed memory for reuse (`--allocator`, default: tcmalloc when
+installed, else tuned glibc; see scripts/benchmarks/host_allocator.py), re-executing itself
+once to set it.
 """
 
 from __future__ import annotations
@@ -47,16 +48,26 @@ import sys
 import time
 from typing import Any, Callable
 
+import jax
+import numpy as np
 from absl import app, flags
 
-from training import host_allocator
+from configs import ppo, pretrain
+from models.build import count_params
+from models.flops import train_flops_per_token
+from parallel.peak import measure_matmul_flops
+from scripts.benchmarks import host_allocator
+from scripts.benchmarks.generation import benchmark_generate, format_generate
+from scripts.benchmarks.ppo import benchmark_ppo, format_ppo
+from training.registry import get_stage
+from training.setup import build_setup
 
 # XLA:CPU flags the benchmark sets when XLA_FLAGS does not already hold them (`--noxla_flags`:
 # none). An empty YNNPACK fusion type sends every dot to XLA:CPU's Eigen GEMMs instead of
-# YNNPACK: measured on the `bench` step, the big 2-D GEMMs run at the same rate either way, but
-# attention's small batched GEMMs (64 (row, head) pairs of 128 x 512 x 64) run ~2x faster, as
-# YNNPACK ran them on about one core (attention forward + backward ~140 -> ~107 ms per layer,
-# ~6 points of the step's MFU). CPU training gains the same from this XLA_FLAGS value.
+# YNNPACK: the big 2-D GEMMs run at the same rate either way, but YNNPACK runs attention's small
+# batched GEMMs on about one core (README, "Benchmarks", has the figures). CPU training gains
+# the same from this XLA_FLAGS value. XLA reads XLA_FLAGS when the backend starts, not when jax
+# is imported, so setting it in `main` takes effect.
 _CPU_XLA_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",)
 
 
@@ -72,7 +83,6 @@ def _apply_xla_flags() -> str:
 def random_clm_batch(rng, batch: int, seq_len: int, vocab: int) -> dict[str, Any]:
   """Uniform random tokens, every row one full segment (no padding): the worst case for
   nothing and the typical case of packed pretraining rows."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   tokens = rng.integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
   return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
               loss_mask=np.ones((batch, seq_len), np.float32),
@@ -98,8 +108,7 @@ def memory_figures(compiled) -> dict[str, int]:
 
 
 def measure_peak(sizes, repeats: int) -> tuple[float, int]:
-  """Best float32 matmul FLOP/s over `sizes` (training/peak.py), and the size that gave it."""
-  from training.peak import measure_matmul_flops  # pylint: disable=g-import-not-at-top
+  """Best float32 matmul FLOP/s over `sizes` (parallel/peak.py), and the size that gave it."""
   best, best_n = 0.0, 0
   for n in sizes:
     rate = measure_matmul_flops(n=int(n), repeats=repeats)
@@ -120,33 +129,17 @@ def benchmark_clm(config, *, steps: int, warmup: int, peak_sizes=(1024, 2048),
     `model_flops_per_sec`, `peak_flops_per_sec` (measured float32 matmul rate), `mfu`,
     `compile_s`, step-time statistics and `memory_figures` of the compiled step.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  import models  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from models.build import build_model_spec, count_params  # pylint: disable=g-import-not-at-top
-  from models.flops import train_flops_per_token  # pylint: disable=g-import-not-at-top
-  from parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
-  from parallel.rules import batch_sharding, get_rules  # pylint: disable=g-import-not-at-top
-  from training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
-  from training.stages import get_loss_fn  # pylint: disable=g-import-not-at-top
-  from training.state import create_train_state  # pylint: disable=g-import-not-at-top
-  from training.step import make_train_step  # pylint: disable=g-import-not-at-top
-
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
   batch_size, seq_len = config.data.global_batch_size, config.data.seq_len
-  mesh = make_mesh(config.mesh)
-  rules = get_rules(config.mesh.rules)
-  spec = build_model_spec(config.model)
-  optimizer, schedule = make_optimizer(config.optimizer, max(config.train.steps, warmup + steps))
-  state, shardings = create_train_state(spec, optimizer, mesh, rules, config.seed)
-  step = make_train_step(spec, get_loss_fn(config.objective.name), optimizer, schedule,
-                         config.objective, mesh=mesh, rules=rules, shardings=shardings,
-                         grad_accum_steps=config.train.grad_accum_steps)
+  setup = build_setup(config, get_stage(config.objective.name),
+                      total_updates=max(config.train.steps, warmup + steps))
+  mesh, spec = setup.mesh, setup.spec
+  state = setup.fresh_state()
+  step = setup.train_step()
 
   rng = np.random.default_rng(seed)
-  sharding = batch_sharding(mesh, rules)
+  sharding = setup.data_sharding
   batches = [jax.device_put(random_clm_batch(rng, batch_size, seq_len, config.model.vocab_size),
                             sharding) for _ in range(2)]
 
@@ -244,7 +237,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("xla_flags", True, "Set the benchmark's XLA:CPU flags (_CPU_XLA_FLAGS) "
                     "before JAX starts.")
   flags.DEFINE_enum("allocator", "auto", list(host_allocator.CHOICES),
-                    "Host memory allocator (Linux; training/host_allocator.py): auto = "
+                    "Host memory allocator (Linux; scripts/benchmarks/host_allocator.py): auto = "
                     "tcmalloc when installed, else glibc tuned to keep freed memory; system = "
                     "as started.")
   # clm and ppo (the workloads with a backward pass).
@@ -302,7 +295,6 @@ def format_mfu(result: dict[str, Any]) -> str:
 
 def clm_config():
   """configs/pretrain.py:<--preset> with the command line's overrides."""
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
   config = pretrain.get_config(flags.FLAGS.preset)
   _override_model(config, ("remat", "attention", "dtype", "scan_layers"))
   if flags.FLAGS.batch is not None:
@@ -322,13 +314,10 @@ def run_clm() -> dict[str, Any]:
 
 
 def run_generate() -> dict[str, Any]:
-  from configs import pretrain  # pylint: disable=g-import-not-at-top
-  from training.generation_bench import (  # pylint: disable=g-import-not-at-top
-      benchmark_generate, format_generate)
   config = pretrain.get_config(flags.FLAGS.preset)
   # Decoding runs the layers scanned unless --noscan_layers says otherwise: XLA:CPU runs the
-  # unrolled decode step slower (bench: 296 against 346 new tokens/s) and compiles it 5x
-  # longer, while the train step (clm) is faster unrolled.
+  # unrolled decode step slower and compiles it far longer (README, "Benchmarks"), while the
+  # train step (clm) is faster unrolled.
   config.model.scan_layers = True
   _override_model(config, ("attention", "dtype", "scan_layers"))
   f = flags.FLAGS
@@ -341,8 +330,6 @@ def run_generate() -> dict[str, Any]:
 
 
 def run_ppo() -> dict[str, Any]:
-  from configs import ppo  # pylint: disable=g-import-not-at-top
-  from training.rl.bench import benchmark_ppo, format_ppo  # pylint: disable=g-import-not-at-top
   config = ppo.get_config(flags.FLAGS.preset)
   _override_model(config, ("remat", "attention", "dtype", "scan_layers"))
   f = flags.FLAGS

@@ -16,7 +16,7 @@ from absl import flags
 from configs.pretrain import get_config
 from models.flops import matmul_params
 from scripts import benchmark
-from training.generation_bench import benchmark_generate, format_generate, generation_flops
+from scripts.benchmarks.generation import benchmark_generate, format_generate, generation_flops
 
 TINY = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
             max_length=64)

@@ -2,6 +2,10 @@
 
 Accelerators: vendor dense peaks for the compute dtype. CPUs have no such number, so we measure
 the float32 matmul rate of this machine (the benchmark does the same, in the same run).
+
+A property of the hardware, like the rest of this package's view of the devices, so training's
+progress line (training/loop.py) and the benchmarks (scripts/benchmarks/) both take it from
+here. Unlike parallel/platforms.py, which must not start a backend, measuring runs a matmul.
 """
 
 from __future__ import annotations

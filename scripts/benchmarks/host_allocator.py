@@ -1,13 +1,13 @@
 """The host memory allocator a CPU process runs under (Linux).
 
-XLA:CPU allocates a step's temporaries (2.5 GiB at the `bench` shape) afresh on every call.
+XLA:CPU allocates a step's temporaries (gigabytes at the `bench` shape) afresh on every call.
 glibc's malloc serves blocks that big with mmap and unmaps them on free, so every step faults in
-and zeroes all of it again: measured on the bench step, ~700k page faults and a sixth of the
-step in the kernel. An allocator that keeps freed memory for reuse removes that. tcmalloc does
-(preloaded when installed, e.g. Debian's libtcmalloc-minimal4); without it, glibc is told to
-(one arena, no mmap, no trimming). The choice needs the environment at process start, so the
-entry point re-executes itself once with it (`reexec_with_allocator`); `ALLOCATOR_ENV` marks the
-re-executed process and names the allocator.
+and zeroes all of it again, a large share of the step spent in the kernel (README.md,
+Benchmarks, has the figures). An allocator that keeps freed memory for reuse removes that.
+tcmalloc does (preloaded when installed, e.g. Debian's libtcmalloc-minimal4); without it, glibc
+is told to (one arena, no mmap, no trimming). The choice needs the environment at process
+start, so the entry point re-executes itself once with it (`reexec_with_allocator`);
+`ALLOCATOR_ENV` marks the re-executed process and names the allocator.
 """
 
 from __future__ import annotations

@@ -26,11 +26,18 @@ import jax
 import ml_collections
 import numpy as np
 
+import models  # noqa: F401  (sets flax's variable-sharding mode before any module is built)
+from configs import ppo as ppo_config
 from data.conversation import Prompt, Turn
+from data.prompts import PromptItem
 from data.tokenizer import PAD_ID
+from models.build import count_params
 from models.flops import forward_flops_per_token
-from training.generation_bench import generation_flops
-from training.rl.rollout import PromptItem
+from parallel.mesh import make_mesh
+from parallel.rules import get_rules
+from scripts.benchmarks.generation import generation_flops
+from training.rl.loop import RLTrainer, initial_kl_coef
+from training.rl.rewards import RewardModelScorer
 
 
 class RandomTokenIds:
@@ -99,17 +106,9 @@ def benchmark_ppo(config: ml_collections.ConfigDict | None = None, *, prompts: i
     iteration, `*_flops` per iteration by phase (`ppo_flops`) and `model_flops_per_sec`
     (their sum over the iteration time), the shapes, and `first_iteration_s`.
   """
-  import models  # noqa: F401  (flax's variable-sharding mode)
-  from configs import ppo
-  from models.build import count_params
-  from parallel.mesh import make_mesh
-  from parallel.rules import get_rules
-  from training.rl.loop import RLTrainer, initial_kl_coef
-  from training.rl.rewards import RewardModelScorer
-
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}")
-  config = ppo.get_config("bench") if config is None else config
+  config = ppo_config.get_config("bench") if config is None else config
   config = config.copy_and_resolve_references()
   config.init_from = ""
   config.reward.update(dict(function="", model=""))
@@ -124,8 +123,8 @@ def benchmark_ppo(config: ml_collections.ConfigDict | None = None, *, prompts: i
                       tuple(int(t) for t in rng.integers(4, config.model.vocab_size,
                                                          prompt_len)))
            for i in range(prompts * (warmup + repeats))]
-  reward_model = RewardModelScorer("", make_mesh(config.mesh), get_rules(config.mesh.rules),
-                                   model_config=config.model)
+  reward_model = RewardModelScorer.random(config.model, make_mesh(config.mesh),
+                                          get_rules(config.mesh.rules))
   trainer = RLTrainer(config, tokenizer=RandomTokenIds(), train_items=items,
                       reward_model=reward_model)
   state = jax.block_until_ready(trainer.fresh_state())

@@ -19,7 +19,16 @@ import statistics
 import time
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
+
+import models  # noqa: F401  (sets flax's variable-sharding mode before any module is built)
+from models.build import build_model_spec, count_params
+from models.flops import forward_flops_per_token
+from models.sampler import check_length, make_sampler
+from parallel.mesh import make_mesh
+from parallel.rules import batch_sharding, get_rules, tree_shardings
 
 
 def _cpu_seconds() -> float:
@@ -35,7 +44,6 @@ def _time_calls(fn, args, repeats: int, warmup: int):
   Returns:
     (wall seconds, CPU seconds, the last call's output).
   """
-  import jax  # pylint: disable=g-import-not-at-top
   out = None
   for _ in range(warmup):
     out = jax.block_until_ready(fn(*args))
@@ -58,7 +66,6 @@ def generation_flops(cfg: ml_collections.ConfigDict, batch: int, prompt_len: int
   average. `forward_flops_per_token(cfg, s)` counts a causal sequence of `s` (`s / 2` keys on
   average), hence the doubled lengths below.
   """
-  from models.flops import forward_flops_per_token  # pylint: disable=g-import-not-at-top
   head = 2 * cfg.d_model * cfg.vocab_size
   prefill = prompt_len * (forward_flops_per_token(cfg, prompt_len) - head) + head
   decode = (new_tokens - 1) * forward_flops_per_token(cfg, 2 * prompt_len + new_tokens)
@@ -89,16 +96,6 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
     prefill), `flops_per_call` and `model_flops_per_sec` (`generation_flops`), `compile_s`
     and `prefill_compile_s`.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  import models  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from models.build import build_model_spec, count_params  # pylint: disable=g-import-not-at-top
-  from models.sampler import check_length, make_sampler  # pylint: disable=g-import-not-at-top
-  from parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
-  from parallel.rules import (batch_sharding, get_rules,  # pylint: disable=g-import-not-at-top
-                              tree_shardings)
-
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}")
   mesh, rules = make_mesh(config.mesh), get_rules(config.mesh.rules)

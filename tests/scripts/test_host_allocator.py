@@ -1,11 +1,12 @@
-"""training/host_allocator.py: which allocator each choice gives, and the environment it sets.
+"""scripts/benchmarks/host_allocator.py: which allocator each choice gives, and the environment
+it sets.
 
 The command line that re-executes itself under it is tested in tests/scripts/test_benchmark.py.
 """
 
 import pytest
 
-from training import host_allocator
+from scripts.benchmarks import host_allocator
 
 
 @pytest.mark.parametrize("choice, environ, tcmalloc, expected", [
