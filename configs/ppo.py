@@ -25,7 +25,7 @@ per prompt, eval/sampled_reward, eval/sampled_answer_accuracy, eval/sampled_kl
 Prompts: `data.source` tiny_world (`data.tiny_prompts`: 'unseen', the default, trains on half
 of the questions the SFT stage never saw and holds out the other half; 'sft' trains on the SFT
 stage's own questions) or files (`data.train_files` / `eval_files` of {prompt, answer?}
-records, FORMATS.md). docs/results_rl.md has the tiny runs' figures.
+records, docs/formats.md). docs/results_rl.md has the tiny runs' figures.
 
 Sections: `rl` (sampling and update schedule), `reward` (function and / or reward-model run,
 missing-stop penalty: training/rl/rewards.py), `value` (source 'head' on the policy or a
@@ -51,7 +51,7 @@ def add_rl_sections(config: ml_collections.ConfigDict) -> None:
       chat_template="default",  # 'default' | 'chatml' (data/chat_template.py)
       # source tiny_world: 'unseen' (questions the SFT stage never saw, half to train on and
       # half held out) | 'sft' (the SFT training questions; held out: the validation ones).
-      # See training/rl/rollout.py tiny_prompt_files.
+      # See data/sources.py (kind 'prompts') and data/tiny_tasks.py ensure_unseen_prompts.
       tiny_prompts="unseen",
       tiny_task_train_records=1000,
       tiny_task_eval_records=1000,

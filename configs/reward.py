@@ -12,7 +12,7 @@ fresh: models/heads.py) and so does the tokenizer. metrics.jsonl reports, on hel
 Data (`config.data`, shared with configs/dpo.py): source `tiny_world` (the tiny world's
 preference pairs, data/tiny_tasks.py; `tiny_task` prompt | sharegpt picks the record form) or
 `files`: JSONL `{prompt, chosen, rejected, margin?}` or ShareGPT conversations whose assistant
-candidates carry `label: chosen | rejected` (FORMATS.md) in `train_files` / `eval_files`. A bad
+candidates carry `label: chosen | rejected` (docs/formats.md) in `train_files` / `eval_files`. A bad
 record is an error naming file and line; `--config.data.skip_invalid=True` skips and counts
 it. `packing=False` puts one pair per row. Truncation: data/preferences.py.
 

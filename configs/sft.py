@@ -47,7 +47,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # The earlier run's tokenizer, following --config.init_from (configs/base.py).
   config.data.tokenizer = base.tokenizer_of_run(config.get_ref("init_from"))
   config.data.update(dict(
-      format="auto",           # 'auto' | 'alpaca' | 'sharegpt' record format (FORMATS.md)
+      format="auto",           # 'auto' | 'alpaca' | 'sharegpt' record format (docs/formats.md)
       chat_template="default",  # 'default' | 'chatml' (data/chat_template.py)
       supervise="all",         # loss on 'all' assistant turns or only the 'last' one
       tiny_task="mixed",       # source tiny_world: 'alpaca' | 'sharegpt' | 'mixed' records

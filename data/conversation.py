@@ -1,4 +1,4 @@
-"""Instruction and preference records (FORMATS.md) parsed into one canonical conversation type.
+"""Instruction and preference records (docs/formats.md) parsed into one canonical conversation type.
 
 Every supported format becomes tuples of `Turn(role, content)` with roles 'system', 'user'
 and 'assistant':
@@ -11,6 +11,7 @@ and 'assistant':
   unpaired feedback   {prompt, completion, label: bool}        -> Feedback (KTO)
   prompts only        {prompt, answer?}                        -> Prompt (RL, synthesis)
 
+An SFT record may also be checked against one form (`SFT_FORMATS`, `config.data.format`).
 Validation raises `InvalidRecord`; the readers below (through data/records.py) turn it into a
 `RecordError` naming file and line, or skip and count the record with `skip_invalid`.
 """
@@ -22,6 +23,7 @@ from typing import Any, Iterator
 
 from data.records import InvalidRecord, SkipCounter, iter_jsonl_records, require_text
 
+SFT_FORMATS = ("auto", "alpaca", "sharegpt")  # config.data.format
 ROLES = ("system", "user", "assistant")
 _ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
                  "gpt": "assistant"}
@@ -116,8 +118,25 @@ def _check_alternation(turns: list[Turn]) -> Conversation:
   return tuple(turns)
 
 
-def parse_sft(obj: Any) -> Conversation:
-  """An Alpaca, Alpaca multi-turn or ShareGPT record as a conversation ending in assistant."""
+def check_sft_format(obj: Any, fmt: str) -> None:
+  """Raises `InvalidRecord` unless `obj` is a record of `fmt` ('alpaca': has `instruction`,
+  single- or multi-turn; 'sharegpt': `conversations` without `instruction`; 'auto': either)."""
+  if fmt not in SFT_FORMATS:
+    raise ValueError(f"config.data.format must be one of {SFT_FORMATS}, got {fmt!r}")
+  if fmt == "auto" or not isinstance(obj, dict):
+    return  # parse_sft reports what is wrong with a non-object
+  if fmt == "alpaca" and "instruction" not in obj:
+    raise InvalidRecord("wrong_format", "config.data.format is 'alpaca' but the "
+                        f"record has no 'instruction' (fields: {sorted(obj)})")
+  if fmt == "sharegpt" and ("conversations" not in obj or "instruction" in obj):
+    raise InvalidRecord("wrong_format", "config.data.format is 'sharegpt': expected "
+                        f"'conversations' and no 'instruction' (fields: {sorted(obj)})")
+
+
+def parse_sft(obj: Any, fmt: str = "auto") -> Conversation:
+  """An Alpaca, Alpaca multi-turn or ShareGPT record (checked against `fmt`, one of
+  `SFT_FORMATS`) as a conversation ending in assistant."""
+  check_sft_format(obj, fmt)
   obj = _object(obj)
   if "conversations" in obj:
     turns = []

@@ -8,10 +8,11 @@ Continually Pre-train Large Language Models"). The corpora are mixed by *documen
                                                    mix (weights 1 - w, w) -> shard over hosts
     replay texts -> shuffle(seed + 1) -> repeat --/     -> tokenize -> pack -> batch
 
-`grain.MapDataset.mix` interleaves the two streams in a fixed pattern that realises the
-weights exactly over every window of a few hundred documents (0.8 / 0.2 gives 4 main, 1
-replay, ...), so the mixed stream is a pure function of the index: deterministic, the same
-split over any number of hosts, and resumable from the few integers of the iterator state.
+That is the grain chain of data/chain.py given both corpora as streams. `MapDataset.mix`
+interleaves them in a fixed pattern that realises the weights exactly over every window of a
+few hundred documents (0.8 / 0.2 gives 4 main, 1 replay, ...), so the mixed stream is a pure
+function of the index: deterministic, the same split over any number of hosts, and resumable
+from the few integers of the iterator state.
 
 The replay corpus is described by the `config.data.replay_*` fields; every other data setting
 (tokenizer, BOS / EOS, skip_invalid, ...) is shared with the main corpus.
@@ -19,14 +20,11 @@ The replay corpus is described by the `config.data.replay_*` fields; every other
 
 from __future__ import annotations
 
-import functools
-from typing import Sequence
-
 import grain
 import ml_collections
 
-from data import packing
-from data.pipeline import PackedIterDataset, _Tokenize, load_texts
+from data import chain
+from data.pipeline import Tokenize, clm_units, load_texts
 from data.tokenizer import Tokenizer
 
 # config.data field of the replay corpus -> the field it replaces in the replay's data config.
@@ -46,18 +44,26 @@ def replay_data_config(data_config: ml_collections.ConfigDict
   return replay
 
 
-def mix_datasets(datasets: Sequence[grain.MapDataset], weights: Sequence[float]
-                 ) -> grain.MapDataset:
-  """Interleaves map datasets deterministically in proportion to `weights` (all > 0).
+def _corpora(data_config: ml_collections.ConfigDict, split: str,
+             workdir: str | None) -> tuple[list[grain.MapDataset], list[float]]:
+  """The main and replay texts of `split` as chain streams, and their mixing weights.
 
-  The result ends with the first input used up (relative to its weight); repeat the inputs
-  first for an endless stream.
+  Raises:
+    ValueError: no replay corpus, a weight outside (0, 1), or an empty corpus.
   """
-  if len(datasets) != len(weights) or not datasets:
-    raise ValueError(f"need one weight per dataset, got {len(datasets)} and {len(weights)}")
-  if min(weights) <= 0:
-    raise ValueError(f"mixing weights must be > 0, got {list(weights)}")
-  return grain.MapDataset.mix(list(datasets), [float(w) for w in weights])
+  weight = float(data_config.replay_weight)
+  replay_config = replay_data_config(data_config)
+  if replay_config is None or not 0.0 < weight < 1.0:
+    raise ValueError("replay mixing needs config.data.replay_source and 0 < replay_weight < 1,"
+                     f" got {data_config.get('replay_source')!r} and {weight}")
+  streams = []
+  for name, part_config in (("main", data_config), ("replay", replay_config)):
+    texts = load_texts(part_config, split, workdir)
+    if not len(texts):
+      raise ValueError(f"no documents in the {split} split of {part_config.source!r} "
+                       f"({name} corpus)")
+    streams.append(grain.MapDataset.source(texts))
+  return streams, [1.0 - weight, weight]
 
 
 def mixed_texts(data_config: ml_collections.ConfigDict, *, split: str, seed: int = 0,
@@ -70,22 +76,9 @@ def mixed_texts(data_config: ml_collections.ConfigDict, *, split: str, seed: int
   Raises:
     ValueError: no replay corpus, or a weight outside (0, 1).
   """
-  weight = float(data_config.replay_weight)
-  replay_config = replay_data_config(data_config)
-  if replay_config is None or not 0.0 < weight < 1.0:
-    raise ValueError("replay mixing needs config.data.replay_source and 0 < replay_weight < 1,"
-                     f" got {data_config.get('replay_source')!r} and {weight}")
-  parts = []
-  for offset, part_config in enumerate((data_config, replay_config)):
-    texts = load_texts(part_config, split, workdir)
-    if not len(texts):
-      raise ValueError(f"no documents in the {split} split of {part_config.source!r} "
-                       f"({'replay' if offset else 'main'} corpus)")
-    ds = grain.MapDataset.source(texts)
-    if data_config.shuffle:
-      ds = ds.shuffle(seed=seed + offset)
-    parts.append(ds.repeat(num_epochs))
-  return mix_datasets(parts, [1.0 - weight, weight])
+  streams, weights = _corpora(data_config, split, workdir)
+  return chain.make_stream(streams, weights=weights, shuffle=data_config.shuffle, seed=seed,
+                           num_epochs=num_epochs)
 
 
 def make_mixed_clm_dataset(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
@@ -96,15 +89,10 @@ def make_mixed_clm_dataset(data_config: ml_collections.ConfigDict, tokenizer: To
 
   Arguments and batches as `data.pipeline.make_clm_dataset`; the texts as `mixed_texts`.
   """
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-  ds = mixed_texts(data_config, split=split, seed=seed, num_epochs=num_epochs, workdir=workdir)
-  ds = ds[shard_index::shard_count]
-  ds = ds.map(_Tokenize(tokenizer, data_config.add_bos, data_config.add_eos))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=256))
-  ds = PackedIterDataset(ds, seq_len, data_config.pack_bins)
-  ds = ds.batch(batch_size, batch_fn=functools.partial(packing.stack_rows,
-                                                       batch_size=batch_size))
-  if data_config.worker_count > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
-  return ds
+  streams, weights = _corpora(data_config, split, workdir)
+  return chain.make_batches(
+      streams, weights=weights, shuffle=data_config.shuffle, seed=seed, num_epochs=num_epochs,
+      shard_index=shard_index, shard_count=shard_count,
+      encode=Tokenize(tokenizer, data_config.add_bos, data_config.add_eos),
+      to_units=clm_units, seq_len=seq_len, pack_bins=data_config.pack_bins,
+      batch_size=batch_size, worker_count=data_config.worker_count)

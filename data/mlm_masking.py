@@ -4,6 +4,9 @@
           -> tokenize (BOS / EOS) -> mask with rng(seed, index) -> chunks of <= seq_len
           -> pack (data/packing.py, segment ids isolate documents) -> batch
 
+(the grain chain of data/chain.py with `with_index`, `MaskDocument` as its encode transform
+and `mlm_units` as its packing units).
+
 Masking (Devlin et al., 2019, sec. 3.1 and appendix A.1): of a document's maskable tokens,
 `max(1, round(15%))` are selected (the count BERT's create_pretraining_data.py uses); each
 selected token becomes [MASK] with probability 0.8, a random token with probability 0.1, or
@@ -35,8 +38,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from data import packing
-from data.pipeline import PackedIterDataset, load_texts
+from data import chain
+from data.pipeline import load_texts
 from data.tokenizer import CHAT_SYMBOLS, MASK_SYMBOL, Tokenizer
 
 
@@ -129,13 +132,6 @@ class MaskingRule:
     return inputs, loss_mask
 
 
-class _WithIndex:
-  """(index, text) -> (index, text); a class so grain worker processes can pickle it."""
-
-  def __call__(self, index: int, text: str) -> tuple:
-    return index, text
-
-
 class MaskDocument:
   """(global index, text) -> {inputs, targets, loss_mask} of the whole document, masked."""
 
@@ -164,6 +160,22 @@ def mlm_units(example: dict, seq_len: int) -> list:
           for start in range(0, n, seq_len)]
 
 
+def _documents(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+               rule: MaskingRule, *, split: str, seed: int, num_epochs: int | None,
+               workdir: str | None) -> dict:
+  """`chain.make_stream` arguments shared by `masked_documents` and `make_mlm_dataset`."""
+  train = split == "train"
+  texts = load_texts(data_config, split, workdir)
+  if not len(texts):
+    raise ValueError(f"no documents in the {split} split of {data_config.source!r}")
+  # The index is taken before sharding: a document's mask is the same however many hosts.
+  return dict(streams=grain.MapDataset.source(texts), shuffle=train and data_config.shuffle,
+              seed=seed, num_epochs=1 if num_epochs is None and not train else num_epochs,
+              with_index=True,
+              encode=MaskDocument(tokenizer, rule, seed, data_config.add_bos,
+                                  data_config.add_eos))
+
+
 def masked_documents(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                      rule: MaskingRule, *, split: str, shard_index: int = 0,
                      shard_count: int = 1, seed: int = 0, num_epochs: int | None = None,
@@ -173,22 +185,10 @@ def masked_documents(data_config: ml_collections.ConfigDict, tokenizer: Tokenize
   Element j of shard k of K is element j * K + k of the single-host stream, masked the same.
   Returns dicts of `[n]` arrays: `inputs` (masked), `targets` (original), `loss_mask`.
   """
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-  train = split == "train"
-  texts = load_texts(data_config, split, workdir)
-  if not len(texts):
-    raise ValueError(f"no documents in the {split} split of {data_config.source!r}")
-  ds = grain.MapDataset.source(texts)
-  if train and data_config.shuffle:
-    ds = ds.shuffle(seed=seed)
-  if num_epochs is None and not train:
-    num_epochs = 1
-  ds = ds.repeat(num_epochs)
-  # The index is taken before sharding: a document's mask is the same however many hosts.
-  ds = ds.map_with_index(_WithIndex())
-  ds = ds[shard_index::shard_count]
-  return ds.map(MaskDocument(tokenizer, rule, seed, data_config.add_bos, data_config.add_eos))
+  return chain.make_stream(
+      shard_index=shard_index, shard_count=shard_count,
+      **_documents(data_config, tokenizer, rule, split=split, seed=seed, num_epochs=num_epochs,
+                   workdir=workdir))
 
 
 def make_mlm_dataset(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer,
@@ -206,13 +206,9 @@ def make_mlm_dataset(data_config: ml_collections.ConfigDict, tokenizer: Tokenize
     Batches of numpy arrays `[batch_size, seq_len]`: `inputs` (masked), `targets`
     (original), `loss_mask` (1 at selected positions), `segment_ids`, `positions`.
   """
-  ds = masked_documents(data_config, tokenizer, rule, split=split, shard_index=shard_index,
-                        shard_count=shard_count, seed=seed, num_epochs=num_epochs,
-                        workdir=workdir)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=256))
-  ds = PackedIterDataset(ds, seq_len, data_config.pack_bins, to_units=mlm_units)
-  ds = ds.batch(batch_size, batch_fn=functools.partial(packing.stack_rows,
-                                                       batch_size=batch_size))
-  if data_config.worker_count > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
-  return ds
+  return chain.make_batches(
+      shard_index=shard_index, shard_count=shard_count, to_units=mlm_units, seq_len=seq_len,
+      pack_bins=data_config.pack_bins, batch_size=batch_size,
+      worker_count=data_config.worker_count,
+      **_documents(data_config, tokenizer, rule, split=split, seed=seed, num_epochs=num_epochs,
+                   workdir=workdir))

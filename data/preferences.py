@@ -1,8 +1,9 @@
 """Preference data for the reward-model and DPO-family stages: records -> two-segment units.
 
-    JSONL records (data/conversation.py)            -> PreferencePair | Feedback, indexed 0..N-1
-      -> (train: shuffle, repeat) -> shard -> encode each example as one *unit* of two segments
-      -> pack (data/packing.py; a unit never straddles rows) -> batch
+    records (data/sources.py: tiny world | JSONL files)  -> PreferencePair | Feedback, 0..N-1
+      -> data/chain.py over the indices: (train: shuffle, repeat) -> shard -> encode each
+         example as one *unit* of two segments -> pack (data/packing.py; a unit never
+         straddles rows), or one unit per row without `config.data.packing` -> batch
 
 A pair becomes [chosen, rejected]; a KTO example becomes [completion, mismatched], where the
 mismatched segment is the same prompt with the completion of example (i + 1) mod N, for
@@ -34,16 +35,14 @@ import functools
 import os
 from typing import Sequence
 
-from absl import logging
 import grain
 import ml_collections
 import numpy as np
 
-from data import packing
-from data import tiny_tasks
+from data import chain
+from data import sources
 from data.chat_template import render_completion, render_prompt
-from data.conversation import PreferencePair, read_records
-from data.pipeline import PackedIterDataset
+from data.conversation import PreferencePair
 from data.records import SkipCounter, expand_patterns
 
 RECORD_KINDS = ("preferences", "feedback")
@@ -120,96 +119,46 @@ class EncodeExample:
 
 
 def as_units(unit: list[dict], seq_len: int) -> list:
-  """`PackedIterDataset.to_units` for examples already encoded as one unit."""
+  """`chain.make_batches`'s `to_units` for examples already encoded as one unit."""
   del seq_len
   return [unit]
 
 
-class OneRow:
-  """A unit alone in a row (`config.data.packing=False`)."""
-
-  def __init__(self, seq_len: int):
-    self._seq_len = seq_len
-
-  def __call__(self, unit: list[dict]) -> dict:
-    packer = packing.FirstFitPacker(self._seq_len, 1)
-    packer.add(unit)
-    return packer.flush()[0]
-
-
-def _tiny_paths(data_config: ml_collections.ConfigDict, kind: str, workdir: str) -> dict:
-  if kind == "feedback":
-    tiny_kind = "feedback"
-  elif data_config.tiny_task == "sharegpt":
-    tiny_kind = "sharegpt_preferences"
-  elif data_config.tiny_task == "prompt":
-    tiny_kind = "preferences"
-  else:
-    raise ValueError(f"config.data.tiny_task: unknown {data_config.tiny_task!r} for preference "
-                     "data (prompt | sharegpt)")
-  return tiny_tasks.ensure_tiny_tasks(os.path.join(workdir, "data"), tiny_kind,
-                                      data_config.tiny_task_train_records,
-                                      data_config.tiny_task_eval_records)
-
-
-def example_files(data_config: ml_collections.ConfigDict, kind: str, split: str,
-                  workdir: str | None) -> str:
-  """The record files of `split` ('train' | 'eval' | 'pairs_eval') as comma-separated globs.
-
-  'pairs_eval' is the held-out preference pairs on which the implicit reward is scored (for
-  KTO, whose own eval split is unpaired feedback); '' when there are none.
-  """
-  if split == "pairs_eval":
-    if kind == "preferences":
-      return example_files(data_config, kind, "eval", workdir)
-    kind, split = "preferences", "eval"
-    if data_config.source == "files":
-      return data_config.pairs_eval_files
-  if data_config.source == "tiny_world":
-    if not workdir:
-      raise ValueError("source 'tiny_world' writes its task records into the workdir; pass one")
-    return _tiny_paths(data_config, kind, workdir)["train" if split == "train" else "validation"]
-  if data_config.source == "files":
-    files = data_config.train_files if split == "train" else data_config.eval_files
-    if not files:
-      raise ValueError(f"config.data.{split}_files is empty")
-    return files
-  raise ValueError(f"config.data.source: unknown {data_config.source!r} for preference data "
-                   "(tiny_world | files)")
-
-
 @functools.lru_cache(maxsize=16)
-def _read(files: str, kind: str, skip_invalid: bool, stamp: tuple) -> tuple:
+def _read(parts: tuple, kind: str, skip_invalid: bool, stamp: tuple) -> tuple:
   del stamp  # part of the cache key only: a rewritten file is read again
   counter = SkipCounter()
-  examples = tuple(read_records(files, kind, skip_invalid=skip_invalid, counter=counter))
-  if counter.skipped:
-    logging.warning("%s: skipped %d invalid records %s", files, counter.skipped,
-                    dict(counter.reasons))
+  examples = tuple(sources.read_files(parts, kind, skip_invalid=skip_invalid, counter=counter))
   return examples, counter
 
 
 def load_examples(data_config: ml_collections.ConfigDict, kind: str, split: str,
                   workdir: str | None = None) -> tuple[tuple, SkipCounter]:
-  """The examples of `split` in file order, and how many invalid records were skipped.
+  """The examples of `split` in file order, and how many invalid records were skipped
+  (read once per process while the files are unchanged: the reference pass and every eval
+  iterator read them again).
 
   Args:
     data_config: `config.data` (source, files, tiny_task sizes, skip_invalid).
     kind: 'preferences' (PreferencePair) or 'feedback' (Feedback).
-    split: 'train', 'eval' or 'pairs_eval' (`example_files`).
-    workdir: where source 'tiny_world' writes its task records (data/tiny_tasks.py).
+    split: 'train', 'eval' or 'pairs_eval': the held-out preference pairs on which the
+      implicit reward is scored (for KTO, whose own eval split is unpaired feedback:
+      `config.data.pairs_eval_files`, or the tiny world's held-out pairs).
+    workdir: where source 'tiny_world' writes its task records (data/sources.py).
 
   Raises:
     RecordError: a bad record (naming file and line), unless `data_config.skip_invalid`.
   """
   if kind not in RECORD_KINDS:
     raise ValueError(f"unknown preference record kind {kind!r}; choose one of {RECORD_KINDS}")
-  files = example_files(data_config, kind, split, workdir)
-  record_kind = "preferences" if split == "pairs_eval" else kind
-  stamp = tuple((p, os.path.getmtime(p), os.path.getsize(p)) for p in expand_patterns(files))
-  examples, counter = _read(files, record_kind, bool(data_config.skip_invalid), stamp)
+  if split == "pairs_eval":
+    kind, split = "preferences", ("eval" if kind == "preferences" else "pairs_eval")
+  parts = tuple(sources.record_files(data_config, kind, split, workdir))
+  stamp = tuple((p, os.path.getmtime(p), os.path.getsize(p))
+                for part in parts for p in expand_patterns(part))
+  examples, counter = _read(parts, kind, bool(data_config.skip_invalid), stamp)
   if not examples:
-    raise ValueError(f"no valid {record_kind} records in {files}")
+    raise ValueError(f"no valid {kind} records in {','.join(parts)}")
   return examples, counter
 
 
@@ -241,30 +190,18 @@ def make_preference_dataset(data_config: ml_collections.ConfigDict, tokenizer, *
     positions and the per-token fields of the module docstring; short final batches are
     padded with empty rows.
   """
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
   examples, _ = load_examples(data_config, kind, split, workdir)
   if reference is not None and len(reference) != len(examples):
     raise ValueError(f"reference table has {len(reference)} rows for {len(examples)} examples")
   train = split == "train"
-  ds = grain.MapDataset.range(len(examples))
-  if (data_config.shuffle if shuffle is None else shuffle) and train:
-    ds = ds.shuffle(seed=seed)
-  if num_epochs is None and not train:
-    num_epochs = 1
-  ds = ds.repeat(num_epochs)
-  ds = ds[shard_index::shard_count]
   seq_len = data_config.seq_len
-  ds = ds.map(EncodeExample(examples, tokenizer, template=data_config.chat_template,
-                            seq_len=seq_len, shift=shift, reference=reference))
-  if data_config.packing:
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=256))
-    ds = PackedIterDataset(ds, seq_len, data_config.pack_bins, to_units=as_units)
-  else:
-    ds = ds.map(OneRow(seq_len))
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=256))
-  ds = ds.batch(batch_size, batch_fn=functools.partial(packing.stack_rows,
-                                                       batch_size=batch_size))
-  if data_config.worker_count > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
-  return ds
+  return chain.make_batches(
+      grain.MapDataset.range(len(examples)),
+      shuffle=train and (data_config.shuffle if shuffle is None else shuffle), seed=seed,
+      num_epochs=1 if num_epochs is None and not train else num_epochs,
+      shard_index=shard_index, shard_count=shard_count,
+      encode=EncodeExample(examples, tokenizer, template=data_config.chat_template,
+                           seq_len=seq_len, shift=shift, reference=reference),
+      to_units=as_units if data_config.packing else None, seq_len=seq_len,
+      pack_bins=data_config.pack_bins, batch_size=batch_size,
+      worker_count=data_config.worker_count)

@@ -1,14 +1,14 @@
 """SFT data: instruction records -> conversations -> chat-template tokens -> packed rows.
 
-    records: tiny-world tasks | JSONL files | a tfds dataset       (Alpaca, ShareGPT; FORMATS.md)
-      -> conversations (data/conversation.py; a bad record is a RecordError naming file:line,
-         or with `skip_invalid` skipped and counted)
+    records: tiny-world tasks | JSONL files | a tfds dataset  (Alpaca, ShareGPT; docs/formats.md)
+      -> conversations (data/sources.py, data/conversation.py; a bad record is a RecordError
+         naming file:line, or with `skip_invalid` skipped and counted)
       -> tokens [n] + loss mask [n] (data/chat_template.py: assistant text and its closing
          token supervised; all assistant turns, or with `supervise='last'` only the final one)
       -> truncated to the row (rules below); an example left with no supervised target is
          dropped and counted
-      -> shuffle (train) -> repeat [-> mixed with replayed pretraining documents, train only]
-      -> shard -> one packing unit per example -> pack -> batch
+      -> data/chain.py: shuffle (train) -> repeat [-> mixed with replayed pretraining
+         documents, train only] -> shard -> one packing unit per example -> pack -> batch
 
 Truncation. A row holds L = seq_len (input, target) pairs, so an example of n tokens fits
 whole iff n <= L + 1. A conversation that does not fit is cut as follows:
@@ -30,24 +30,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-from typing import Any, Sequence
+from typing import Sequence
 
 from absl import logging
 import grain
 import ml_collections
 import numpy as np
 
+from data import chain
 from data import chat_template
 from data import conversation as conv
-from data import packing
 from data import records
-from data import tiny_tasks
-from data.mixture import mix_datasets, replay_data_config
-from data.pipeline import PackedIterDataset, _Tokenize, load_texts
-
-FORMATS = ("auto", "alpaca", "sharegpt")
-TINY_TASKS = ("alpaca", "sharegpt", "mixed")
+from data import sources
+from data.mixture import replay_data_config
+from data.pipeline import Tokenize, load_texts
 
 
 @dataclasses.dataclass
@@ -65,98 +61,18 @@ class SftStats:
 
 # --- Records -> conversations ----------------------------------------------------------------
 
-def check_format(obj: Any, fmt: str) -> None:
-  """Raises `InvalidRecord` unless `obj` is a record of `fmt` ('alpaca': has `instruction`,
-  single- or multi-turn; 'sharegpt': `conversations` without `instruction`; 'auto': either)."""
-  if fmt not in FORMATS:
-    raise ValueError(f"config.data.format must be one of {FORMATS}, got {fmt!r}")
-  if fmt == "auto" or not isinstance(obj, dict):
-    return  # parse_sft reports what is wrong with a non-object
-  if fmt == "alpaca" and "instruction" not in obj:
-    raise records.InvalidRecord("wrong_format", "config.data.format is 'alpaca' but the "
-                                f"record has no 'instruction' (fields: {sorted(obj)})")
-  if fmt == "sharegpt" and ("conversations" not in obj or "instruction" in obj):
-    raise records.InvalidRecord("wrong_format", "config.data.format is 'sharegpt': expected "
-                                f"'conversations' and no 'instruction' (fields: {sorted(obj)})")
-
-
-def parse_record(obj: Any, fmt: str = "auto") -> conv.Conversation:
-  """A JSON record (Alpaca or ShareGPT, checked against `fmt`) as a conversation."""
-  check_format(obj, fmt)
-  return conv.parse_sft(obj)
-
-
-def _plain(value: Any) -> Any:
-  """A tfds example as JSON-like Python: bytes -> str, arrays -> lists, and a sequence of
-  dicts (which tfds stores as a dict of equal-length lists) -> a list of dicts."""
-  if isinstance(value, bytes):
-    return value.decode("utf-8")
-  if isinstance(value, np.ndarray):
-    return _plain(value.tolist()) if value.ndim else _plain(value.item())
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  if isinstance(value, dict):
-    out = {k: _plain(v) for k, v in value.items()}
-    lists = list(out.values())
-    if lists and all(isinstance(v, list) for v in lists) and len({len(v) for v in lists}) == 1:
-      return [dict(zip(out, row)) for row in zip(*lists)]
-    return out
-  return value
-
-
-def _top_level(example: dict) -> dict:
-  # Only nested features are transposed; the record itself stays a dict.
-  return {k: _plain(v) for k, v in example.items()}
-
-
-def _tfds_conversations(data_config, split: str, counter: records.SkipCounter) -> list:
-  import tensorflow_datasets as tfds  # heavy; only for source='tfds'
-  name, tfds_split = data_config.tfds_name, (data_config.train_split if split == "train"
-                                             else data_config.eval_split)
-  source = tfds.data_source(name, split=tfds_split, data_dir=data_config.tfds_data_dir or None)
-  where = f"tfds:{name}/{tfds_split}"
-  out = []
-  for index in range(len(source)):
-    try:
-      out.append(parse_record(_top_level(source[index]), data_config.format))
-    except records.InvalidRecord as e:
-      # The record's 1-based index plays the part of a line number.
-      error = records.RecordError(where, index + 1, e.reason, e.detail)
-      if not data_config.skip_invalid:
-        raise error from None
-      counter.add(error.reason)
-  return out
-
-
-def _tiny_records(data_config, split: str) -> list:
-  """The tiny-world SFT records of `split`: Alpaca, ShareGPT or both interleaved."""
-  task = data_config.tiny_task
-  num = (data_config.tiny_task_train_records if split == "train"
-         else data_config.tiny_task_eval_records)
-  tw_split = "train" if split == "train" else "validation"
-  if task != "mixed":
-    return tiny_tasks.KINDS[task](tw_split, num)
-  return _interleave(tiny_tasks.alpaca_records(tw_split, num - num // 2),
-                     tiny_tasks.sharegpt_records(tw_split, num // 2))
-
-
-def _interleave(first: list, second: list) -> list:
-  """first[0], second[0], first[1], ...; `first` may be one longer."""
-  return [r for pair in zip(first, second) for r in pair] + first[len(second):]
-
-
 def load_conversations(data_config: ml_collections.ConfigDict, split: str,
                        workdir: str | None = None,
                        counter: records.SkipCounter | None = None) -> list:
-  """The conversations of `split` ('train' | 'eval') of `data_config.source`.
+  """The conversations of `split` ('train' | 'eval') of `data_config.source`
+  (`sources.load_records` of kind 'conversations').
 
-  Source 'tiny_world' writes the tiny tasks to `{workdir}/data/tiny_{kind}-{split}.jsonl`
-  and reads them back like any JSONL file (in memory without a workdir); 'files' reads
-  `train_files` / `eval_files` globs of JSONL; 'tfds' reads a prepared tfds dataset whose
-  features are the record's fields (a ShareGPT `conversations` is a Sequence of
-  {from, value}), naming a bad record by its 1-based index.
+  Source 'tiny_world' writes the tiny tasks (`config.data.tiny_task`: alpaca | sharegpt |
+  mixed, the two interleaved) to `{workdir}/data/tiny_{kind}-{split}.jsonl` and reads them
+  back like any JSONL file (in memory without a workdir); 'files' reads `train_files` /
+  `eval_files` globs of JSONL; 'tfds' reads a prepared tfds dataset whose features are the
+  record's fields (a ShareGPT `conversations` is a Sequence of {from, value}), naming a bad
+  record by its 1-based index. Records are checked against `config.data.format`.
 
   Raises:
     RecordError: a malformed record (file and line), unless `data_config.skip_invalid`, in
@@ -164,41 +80,7 @@ def load_conversations(data_config: ml_collections.ConfigDict, split: str,
   """
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-  counter = records.SkipCounter() if counter is None else counter
-  parse = functools.partial(parse_record, fmt=data_config.format)
-  read = lambda patterns: list(records.iter_jsonl_records(
-      patterns, parse, skip_invalid=data_config.skip_invalid, counter=counter))
-  if data_config.source == "tiny_world":
-    if data_config.tiny_task not in TINY_TASKS:
-      raise ValueError(f"config.data.tiny_task must be one of {TINY_TASKS}, got "
-                       f"{data_config.tiny_task!r}")
-    if not workdir:
-      return [parse(r) for r in _tiny_records(data_config, split)]
-    files = _tiny_files(os.path.join(workdir, "data"), data_config.tiny_task,
-                        data_config.tiny_task_train_records, data_config.tiny_task_eval_records)
-    # 'mixed': the Alpaca and ShareGPT files interleaved, as in memory.
-    return _interleave(*[read(path) for path in files[split]]) if len(files[split]) == 2 else (
-        read(files[split][0]))
-  if data_config.source == "files":
-    patterns = data_config.train_files if split == "train" else data_config.eval_files
-    if not patterns:
-      raise ValueError(f"config.data.{split}_files is empty")
-    return read(patterns)
-  if data_config.source == "tfds":
-    return _tfds_conversations(data_config, split, counter)
-  raise ValueError(f"unknown config.data.source {data_config.source!r}: "
-                   "tiny_world, files, tfds")
-
-
-def _tiny_files(out_dir: str, task: str, num_train: int, num_eval: int) -> dict:
-  """{'train': [paths], 'eval': [paths]} of the tiny tasks written under `out_dir`."""
-  kinds = ("alpaca", "sharegpt") if task == "mixed" else (task,)
-  sizes = {"alpaca": (num_train - num_train // 2, num_eval - num_eval // 2),
-           "sharegpt": (num_train // 2, num_eval // 2)} if task == "mixed" else {
-               task: (num_train, num_eval)}
-  paths = {kind: tiny_tasks.ensure_tiny_tasks(out_dir, kind, *sizes[kind]) for kind in kinds}
-  return {"train": [paths[k]["train"] for k in kinds],
-          "eval": [paths[k]["validation"] for k in kinds]}
+  return sources.load_records(data_config, "conversations", split, workdir, counter=counter)
 
 
 # --- Conversations -> truncated examples -------------------------------------------------------
@@ -295,26 +177,23 @@ class _ReplayExample:
   A class, not a lambda, so grain worker processes can pickle it."""
 
   def __init__(self, tokenizer, add_bos: bool, add_eos: bool):
-    self._tokenize = _Tokenize(tokenizer, add_bos, add_eos)
+    self._tokenize = Tokenize(tokenizer, add_bos, add_eos)
 
   def __call__(self, text: str) -> tuple[np.ndarray, np.ndarray]:
     tokens = self._tokenize(text)
     return tokens, np.ones(len(tokens), np.float32)
 
 
-def replay_examples(data_config: ml_collections.ConfigDict, tokenizer, *, seed: int,
-                    num_epochs: int | None, workdir: str | None) -> grain.MapDataset:
-  """The replay corpus (`config.data.replay_*`, data/mixture.py) as shuffled, repeated
-  `(tokens, ones)` examples: plain next-token prediction on pretraining text, mixed into SFT
+def replay_examples(data_config: ml_collections.ConfigDict, tokenizer, *,
+                    workdir: str | None) -> grain.MapDataset:
+  """The replay corpus (`config.data.replay_*`, data/mixture.py) as `(tokens, ones)`
+  examples, a chain stream: plain next-token prediction on pretraining text, mixed into SFT
   to limit forgetting what the base model knew."""
   texts = load_texts(replay_data_config(data_config), "train", workdir)
   if not len(texts):
     raise ValueError(f"no documents in the replay corpus {data_config.replay_source!r}")
-  ds = grain.MapDataset.source(texts)
-  if data_config.shuffle:
-    ds = ds.shuffle(seed=seed + 1)
-  return ds.repeat(num_epochs).map(_ReplayExample(tokenizer, data_config.add_bos,
-                                                  data_config.add_eos))
+  return grain.MapDataset.source(texts).map(_ReplayExample(tokenizer, data_config.add_bos,
+                                                           data_config.add_eos))
 
 
 @functools.lru_cache(maxsize=4)
@@ -354,29 +233,19 @@ def make_sft_dataset(data_config: ml_collections.ConfigDict, tokenizer, *, split
   With `data_config.replay_source` and `0 < replay_weight < 1`, that share of the training
   examples are documents of the replay corpus (loss on every token), interleaved with the
   conversations in a fixed pattern before sharding (data/mixture.py); eval is SFT only."""
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
   examples, _ = load_examples(data_config, tokenizer, split, workdir)
   if not examples:
     raise ValueError(f"no SFT example left in the {split} split of {data_config.source!r}")
   train = split == "train"
-  ds = grain.MapDataset.source(list(examples))
-  if train and data_config.shuffle:
-    ds = ds.shuffle(seed=seed)
-  if num_epochs is None and not train:
-    num_epochs = 1  # eval is a fixed set
-  ds = ds.repeat(num_epochs)  # None: forever
+  streams, weights = [grain.MapDataset.source(list(examples))], None
   weight = float(data_config.get("replay_weight", 0.0))
   if train and data_config.get("replay_source") and weight > 0:
-    ds = mix_datasets([ds, replay_examples(data_config, tokenizer, seed=seed,
-                                           num_epochs=num_epochs, workdir=workdir)],
-                      [1.0 - weight, weight])
-  ds = ds[shard_index::shard_count]
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=256))
-  ds = PackedIterDataset(ds, data_config.seq_len, data_config.pack_bins, to_units=sft_units)
-  ds = ds.batch(batch_size, batch_fn=functools.partial(packing.stack_rows,
-                                                       batch_size=batch_size))
-  if data_config.worker_count > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
-  return ds
-
+    # The replay stream is shuffled with seed + 1 (data/chain.py), as in data/mixture.py.
+    streams.append(replay_examples(data_config, tokenizer, workdir=workdir))
+    weights = [1.0 - weight, weight]
+  return chain.make_batches(
+      streams, weights=weights, shuffle=train and data_config.shuffle, seed=seed,
+      num_epochs=1 if num_epochs is None and not train else num_epochs,  # eval: a fixed set
+      shard_index=shard_index, shard_count=shard_count, to_units=sft_units,
+      seq_len=data_config.seq_len, pack_bins=data_config.pack_bins, batch_size=batch_size,
+      worker_count=data_config.worker_count)

@@ -3,16 +3,23 @@
 `build_text_dataset` turns local .jsonl / .txt files (read by `data/records.py`) into a
 tfds dataset `{data_dir}/{name}/1.0.0/` with one feature, `text`, in array_record files.
 `open_tfds_source` opens that dataset, or any tfds dataset already prepared in array_record
-format in a data_dir, as a random-access source of strings for grain. Neither needs
-TensorFlow: tfds writes and reads array_record through its own Python code.
+format in a data_dir, as a random-access source of strings for grain. `iter_tfds_records`
+reads a prepared dataset whose features are a JSON record's fields (an instruction record,
+docs/formats.md) and validates each like a JSONL line, naming a bad one by its 1-based index.
+None of them needs TensorFlow: tfds writes and reads array_record through its own Python code.
 
 Files are read in order and not shuffled when written (`disable_shuffling`): the loader
 shuffles, and record i of the dataset is record i of the input files.
 """
 
+from typing import Any, Callable, Iterator, TypeVar
+
+import numpy as np
 import tensorflow_datasets as tfds
 
 from data import records
+
+T = TypeVar("T")
 
 _VERSION = "1.0.0"
 
@@ -135,3 +142,59 @@ def open_tfds_source(name: str, data_dir: str, split: str,
   """
   source = tfds.data_source(name, split=split, data_dir=data_dir or None)
   return TextSource(source, text_field)
+
+
+def example_to_json(example: dict) -> dict:
+  """A tfds example as the JSON record it stores: bytes -> str, arrays -> lists, and a
+  sequence of dicts (which tfds stores as a dict of equal-length lists) -> a list of dicts.
+  Only nested features are transposed; the record itself stays a dict."""
+  return {k: _plain(v) for k, v in example.items()}
+
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray):
+    return _plain(value.tolist()) if value.ndim else _plain(value.item())
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, dict):
+    out = {k: _plain(v) for k, v in value.items()}
+    lists = list(out.values())
+    if lists and all(isinstance(v, list) for v in lists) and len({len(v) for v in lists}) == 1:
+      return [dict(zip(out, row)) for row in zip(*lists)]
+    return out
+  return value
+
+
+def iter_tfds_records(name: str, data_dir: str, split: str, validate: Callable[[Any], T], *,
+                      skip_invalid: bool = False,
+                      counter: records.SkipCounter | None = None) -> Iterator[T]:
+  """Yields `validate(record)` for each example of a prepared tfds split, in order.
+
+  Args:
+    name: dataset name, optionally with config and version.
+    data_dir: root folder of prepared tfds datasets ('' for the tfds default).
+    split: split name, or a tfds slice.
+    validate: maps a record (`example_to_json`) to a parsed one; raises `InvalidRecord`.
+    skip_invalid: skip and count bad examples instead of raising.
+    counter: where skipped examples are counted.
+
+  Raises:
+    RecordError: a bad example as 'tfds:{name}/{split}:{index + 1}: ...', unless
+      `skip_invalid`.
+  """
+  counter = records.SkipCounter() if counter is None else counter
+  source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+  where = f"tfds:{name}/{split}"
+  for index in range(len(source)):
+    try:
+      yield validate(example_to_json(source[index]))
+    except records.InvalidRecord as e:
+      # The record's 1-based index plays the part of a line number.
+      error = records.RecordError(where, index + 1, e.reason, e.detail)
+      if not skip_invalid:
+        raise error from None
+      counter.add(error.reason)

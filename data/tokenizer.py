@@ -11,8 +11,10 @@ piece before a symbol); a chat template that needs a bare symbol takes `token_to
 """
 
 import io
+import json
 import os
 import random
+import shutil
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
@@ -187,7 +189,6 @@ def _token_content(value) -> str | None:
 
 
 def _read_json(path: str) -> dict:
-  import json
   if not os.path.exists(path):
     return {}
   with open(path, encoding="utf-8") as f:
@@ -345,7 +346,6 @@ def is_hf_tokenizer(path: str) -> bool:
 def copy_hf_tokenizer(path: str, target_dir: str) -> HFTokenizer:
   """Copies an HF tokenizer's files into `target_dir` (a run's `tokenizer/`, where later
   stages look for it) unless already there, and loads it."""
-  import shutil
   source = path if os.path.isdir(path) else os.path.dirname(path)
   os.makedirs(target_dir, exist_ok=True)
   if os.path.abspath(source) != os.path.abspath(target_dir):

@@ -9,6 +9,11 @@ single-process run and resumed on a different number of hosts with the same data
 
 Processes whose devices hold the same rows (a tensor-parallel group spanning hosts) read the same
 shards; the pipelines are deterministic, so they produce the same rows.
+
+Arrays that every process holds in full (an RL rollout, synthesis rows) move the same way:
+`to_global` puts each process's rows of a numpy batch onto its devices as one global
+batch-sharded array, `to_host` brings a (possibly multi-host) result back to every host, and
+`batch_shards` says how many ways the mesh splits a batch.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+from parallel.rules import batch_sharding, logical_to_spec
 
 Batch = dict[str, np.ndarray]
 # (shard_index, num_shards, rows) -> iterator of `rows`-row batches with get_state / set_state.
@@ -139,3 +147,33 @@ class ShardedBatches:
       raise ValueError(f"no saved data state for shards {missing}")
     for k in self.shards:
       self._iters[k].set_state(merged[str(k)])
+
+
+# --- Arrays every process holds in full ----------------------------------------------------
+
+def batch_shards(mesh: jax.sharding.Mesh, rules) -> int:
+  """How many ways a batch splits over the mesh (batch sizes must be multiples of it)."""
+  axes = logical_to_spec(("batch",), rules, mesh=mesh)[0] or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def to_global(arrays: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+              rules) -> dict[str, jax.Array]:
+  """Global batch-sharded arrays `[B, ...]` from host arrays `[B, ...]` every process holds in
+  full; each process feeds only the rows its devices hold."""
+  out = {}
+  for k, v in arrays.items():
+    sharding = batch_sharding(mesh, rules, ndim=v.ndim)
+    # This process's rows: the blocks its devices hold, in row order.
+    blocks = row_blocks(sharding, v.shape[0])[jax.process_index()]
+    local = np.concatenate([v[start:stop] for start, stop in blocks])
+    out[k] = jax.make_array_from_process_local_data(sharding, local, v.shape)
+  return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-host sharded) array on every host, as numpy."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

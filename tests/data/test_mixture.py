@@ -8,7 +8,8 @@ import pytest
 
 from configs import base
 from data import records
-from data.mixture import make_mixed_clm_dataset, mix_datasets, mixed_texts, replay_data_config
+from data.chain import mix_datasets
+from data.mixture import make_mixed_clm_dataset, mixed_texts, replay_data_config
 from data.pipeline import load_texts
 
 

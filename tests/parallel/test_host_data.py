@@ -1,11 +1,22 @@
-"""Per-host input: rows a process feeds, the data shards behind them, merged iterator states."""
+"""Per-host input: rows a process feeds, the data shards behind them, merged iterator states,
+arrays moved onto the mesh and back, and `config.data.num_shards` from the command line."""
+
+import os
 
 import jax
 import numpy as np
 import pytest
+from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
 
-from parallel.host_data import ShardedBatches, process_rows, process_shards, row_blocks
+from parallel.host_data import (ShardedBatches, batch_shards, process_rows, process_shards,
+                                row_blocks, to_global, to_host)
+from parallel.mesh import make_mesh
+from parallel.rules import batch_sharding, get_rules
+from training.evaluation import stage_batches
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class CountingIterator:
@@ -84,3 +95,73 @@ def test_states_saved_by_two_hosts_restore_on_one():
     ShardedBatches(CountingIterator, [0], 4, 3).set_state(saved)
   with pytest.raises(ValueError, match=r"no saved data state for shards \[1\]"):
     ShardedBatches(CountingIterator, [0, 1], 2, 3).set_state(saved[:1])
+
+
+def _mesh(data, fsdp, tensor):
+  return Mesh(np.array(jax.devices()[:8]).reshape(data, fsdp, tensor), ("data", "fsdp", "tensor"))
+
+
+def test_host_arrays_to_the_mesh_and_back():
+  rules = get_rules("fsdp_tp")
+  mesh = _mesh(2, 2, 2)
+  assert batch_shards(mesh, rules) == 4  # the batch splits over data x fsdp, not tensor
+  assert batch_shards(_mesh(1, 1, 8), rules) == 1
+  rows = {"tokens": np.arange(24, dtype=np.int32).reshape(8, 3),
+          "last": np.arange(8, dtype=np.int32)}
+  device = to_global(rows, mesh, rules)
+  for key, value in rows.items():
+    assert device[key].shape == value.shape
+    assert device[key].sharding == batch_sharding(mesh, rules, ndim=value.ndim)
+    # Rows 2k, 2k + 1 live on the devices of batch shard k.
+    for shard in device[key].addressable_shards:
+      np.testing.assert_array_equal(shard.data, value[shard.index])
+    np.testing.assert_array_equal(to_host(device[key]), value)
+  assert isinstance(to_host(device["tokens"]), np.ndarray)
+
+
+class _CountingDataset:
+  """A stage's `make_dataset` result: iterating gives a `CountingIterator` of its shard."""
+
+  def __init__(self, shard, num_shards, rows):
+    self.args = (shard, num_shards, rows)
+
+  def __iter__(self):
+    return CountingIterator(*self.args)
+
+
+def _parse_config(*overrides):
+  """The config as scripts/train.py's flags give it: locked, an unknown key is an error."""
+  argv = ["train", f"--config={REPO}/configs/pretrain.py:tiny", *overrides]
+  values = flags.FlagValues()
+  # The override flags are declared from the command line the flag is defined with.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_num_shards_override_reaches_the_sharded_batches():
+  config = _parse_config("--config.data.num_shards=4")
+  assert config.data.num_shards == 4
+  # What configs/cli.py parse_flags reports as an unknown key (what num_shards was before).
+  with pytest.raises((flags.Error, AttributeError), match="num_shard"):
+    _parse_config("--config.data.num_shard=4")
+  calls = []
+
+  def make_dataset(config, tokenizer, *, split, batch_size, shard_index, shard_count, **kwargs):
+    calls.append((split, shard_index, shard_count, batch_size))
+    return _CountingDataset(shard_index, shard_count, batch_size)
+
+  mesh = make_mesh(config.mesh, jax.devices()[:8])
+  sharding = batch_sharding(mesh, get_rules(config.mesh.rules))
+  batches = stage_batches(make_dataset, config, None, split="train", sharding=sharding,
+                          workdir="")
+  size = config.data.global_batch_size
+  assert (batches.num_shards, batches.shards) == (4, [0, 1, 2, 3])
+  assert calls == [("train", k, 4, size // 4) for k in range(4)]
+  assert next(batches)["inputs"][:, 0].tolist() == [k for k in range(4) for _ in range(size // 4)]
+  # The default, 0: one shard per host's block of rows (here one process: one shard).
+  default = stage_batches(make_dataset, _parse_config(), None, split="train",
+                          sharding=sharding, workdir="")
+  assert (default.num_shards, default.shards) == (1, [0])
+

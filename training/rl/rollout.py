@@ -1,6 +1,6 @@
 """Rollouts: prompts -> sampled replies -> scores, policy / reference log-probs and values.
 
-    prompts (data/conversation.py Prompt records, rendered by the chat template, each left-
+    prompts (data/prompts.py PromptItems: records rendered by the chat template, each left-
     padded to P = config.rl.max_prompt_len) x G samples each
       -> models/sampler.py (KV cache, temperature / top-k / top-p), up to T new tokens
       -> rows  tokens / positions / segment_ids `[B, P + T]`: the prompt, then the reply;
@@ -15,124 +15,32 @@ Log-probs are recomputed by the training forward pass (not taken from the sample
 chunks the first epoch's minibatches use, so the first update sees a ratio of exactly 1.
 
 Every host holds the whole rollout: host arrays go to the devices as global arrays of which
-each process feeds its own rows, and device results come back replicated.
+each process feeds its own rows, and device results come back replicated
+(parallel/host_data.py `to_global` / `to_host`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
 import time
-import zlib
 from typing import Sequence
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from data import chat_template, tiny_tasks
-from data.conversation import Prompt, read_records
+from data import chat_template, verifiers
+from data.conversation import Prompt
+from data.prompts import PromptItem
 from models import sampler
-from parallel.host_data import row_blocks
-from parallel.rules import batch_sharding, logical_to_spec, use_mesh_rules
+from parallel.host_data import to_global, to_host
+from parallel.rules import use_mesh_rules
 from training.rl import rewards
 from training.rl.policy import policy_outputs, response_log_probs
 
 
-# --- Prompts -------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class PromptItem:
-  prompt: Prompt             # context (ends with the user's turn) and optional answer
-  tokens: tuple[int, ...]    # rendered with the assistant header, at most max_prompt_len
-
-
-def fit_prompt(tokens: Sequence[int], max_len: int) -> list[int]:
-  """Keeps the first token (BOS) and the last `max_len - 1`: the question and the assistant
-  header are at the end."""
-  tokens = list(tokens)
-  return tokens if len(tokens) <= max_len else tokens[:1] + tokens[len(tokens) - max_len + 1:]
-
-
-TINY_PROMPT_SETS = ("unseen", "sft")
-
-
-def _held_out_half(prompt: str) -> bool:
-  """Splits the unseen questions in two by a hash of their text (independent of the
-  train / validation split of data/tiny_tasks.py)."""
-  return zlib.crc32(f"rl-eval/{prompt}".encode()) % 2 == 1
-
-
-def tiny_prompt_files(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-  """The tiny world's RL prompt files {'train': ..., 'eval': ...} (`config.data.tiny_prompts`):
-
-    unseen  questions the SFT stage never trained on (data/tiny_tasks.py's validation split),
-            split in two by a hash of their text: RL trains on one half and is evaluated on
-            the other, which no stage ever trains on
-    sft     RL on the SFT training questions, evaluated on the validation questions
-  """
-  data, folder = config.data, os.path.join(workdir, "data")
-  if data.tiny_prompts not in TINY_PROMPT_SETS:
-    raise ValueError(f"config.data.tiny_prompts: unknown {data.tiny_prompts!r} "
-                     f"({' | '.join(TINY_PROMPT_SETS)})")
-  if data.tiny_prompts == "sft":
-    paths = tiny_tasks.ensure_tiny_tasks(folder, "prompts", data.tiny_task_train_records,
-                                         data.tiny_task_eval_records, seed=config.seed)
-    return {"train": paths["train"], "eval": paths["validation"]}
-  records = tiny_tasks.prompt_records("validation", data.tiny_task_train_records
-                                      + data.tiny_task_eval_records, seed=config.seed)
-  paths = {}
-  for split, held_out in (("train", False), ("eval", True)):
-    path = os.path.join(folder, f"tiny_prompts_unseen-{split}.jsonl")
-    text = "".join(json.dumps(r) + "\n" for r in records
-                   if _held_out_half(r["prompt"]) == held_out)
-    if not (os.path.exists(path) and open(path, encoding="utf-8").read() == text):
-      os.makedirs(folder, exist_ok=True)
-      tmp = f"{path}.tmp{os.getpid()}"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-      os.replace(tmp, path)
-    paths[split] = path
-  return paths
-
-
-def prompt_files(config: ml_collections.ConfigDict, split: str, workdir: str) -> str:
-  """The prompt JSONL pattern of `split` ('train' | 'eval'), writing the tiny world's."""
-  data = config.data
-  if data.source == "tiny_world":
-    return tiny_prompt_files(config, workdir)[split]
-  if data.source != "files":
-    raise ValueError(f"config.data.source: RL stages read 'tiny_world' or 'files', got "
-                     f"{data.source!r}")
-  pattern = data.train_files if split == "train" else data.eval_files
-  if not pattern:
-    raise ValueError(f"config.data.{'train' if split == 'train' else 'eval'}_files is empty")
-  return pattern
-
-
-def load_prompts(config: ml_collections.ConfigDict, tokenizer, split: str, workdir: str, *,
-                 distinct: bool = False, limit: int = 0) -> list[PromptItem]:
-  """Rendered prompts of a split; `distinct` drops repeated prompts, `limit` > 0 keeps the
-  first `limit`."""
-  items, seen = [], set()
-  for p in read_records(prompt_files(config, split, workdir), "prompts",
-                        skip_invalid=config.data.skip_invalid):
-    if distinct:
-      if p.context in seen:
-        continue
-      seen.add(p.context)
-    tokens = chat_template.render_prompt(tokenizer, p.context, config.data.chat_template)
-    items.append(PromptItem(p, tuple(fit_prompt(tokens, config.rl.max_prompt_len))))
-    if limit and len(items) == limit:
-      break
-  if not items:
-    raise ValueError(f"no {split} prompts")
-  return items
-
+# --- Prompts --------------------------------------------------------------------------------------
 
 def prompt_batch(items: Sequence[PromptItem], iteration: int, size: int, seed: int
                  ) -> list[PromptItem]:
@@ -146,7 +54,7 @@ def prompt_batch(items: Sequence[PromptItem], iteration: int, size: int, seed: i
   return out
 
 
-# --- Layout and host <-> device -------------------------------------------------------------------
+# --- Layout ---------------------------------------------------------------------------------------
 
 def build_rows(prompt_tokens: np.ndarray, prompt_lengths: np.ndarray, response: np.ndarray,
                mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -166,32 +74,6 @@ def build_rows(prompt_tokens: np.ndarray, prompt_lengths: np.ndarray, response: 
           "last": (p + lengths - 1).astype(np.int32)}
 
 
-def batch_shards(mesh, rules) -> int:
-  """How many ways a batch splits over the mesh (batch sizes must be multiples of it)."""
-  axes = logical_to_spec(("batch",), rules, mesh=mesh)[0] or ()
-  axes = (axes,) if isinstance(axes, str) else axes
-  return math.prod(mesh.shape[a] for a in axes)
-
-
-def to_global(arrays: dict[str, np.ndarray], mesh, rules) -> dict[str, jax.Array]:
-  """Global batch-sharded arrays from host arrays every process holds in full."""
-  out = {}
-  for k, v in arrays.items():
-    sharding = batch_sharding(mesh, rules, ndim=v.ndim)
-    # This process's rows: the blocks its devices hold, in row order.
-    blocks = row_blocks(sharding, v.shape[0])[jax.process_index()]
-    local = np.concatenate([v[start:stop] for start, stop in blocks])
-    out[k] = jax.make_array_from_process_local_data(sharding, local, v.shape)
-  return out
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """The whole of a (possibly multi-host sharded) array on every host."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 # --- Rollouts -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -206,6 +88,7 @@ class Rollout:
   log_probs: np.ndarray          # [B, T] log pi (training forward), 0 where masked
   ref_log_probs: np.ndarray      # [B, T] log pi_ref
   values: np.ndarray | None      # [B, T] V_t (PPO) or None
+  answers_correct: list[bool]    # per row whose prompt has an answer: the reply states it
 
   def batch_rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
     """The forward-pass fields of rows `index` (what every RL loss reads)."""
@@ -219,10 +102,8 @@ def rollout_metrics(r: Rollout) -> dict[str, float]:
   out = {"score": float(r.scores.mean()), "score_std": float(r.scores.std()),
          "kl": float(kl.mean()), "response_length": float(r.mask.sum(-1).mean()),
          "stop_rate": float(r.stopped.mean())}
-  answered = [tiny_tasks.answer_correct(reply, p.answer) for reply, p in
-              zip(r.replies or (), r.prompts) if p.answer is not None]
-  if answered:
-    out["answer_accuracy"] = float(np.mean(answered))
+  if r.answers_correct:
+    out["answer_accuracy"] = float(np.mean(r.answers_correct))
   return out
 
 
@@ -230,14 +111,18 @@ class RolloutEngine:
   """Samples, scores and evaluates log-probs / values for one run (jitted once per shape)."""
 
   def __init__(self, config: ml_collections.ConfigDict, spec, tokenizer, mesh, rules, *,
-               ref_spec, ref_params, reward_fn: rewards.RewardFn | None,
-               reward_model: rewards.RewardModelScorer | None):
+               ref_spec, ref_params, reward_fn: verifiers.RewardFn | None,
+               reward_model: rewards.RewardModelScorer | None,
+               answer_check: verifiers.AnswerChecker):
     if reward_fn is None and reward_model is None:
       raise ValueError("set config.reward.function and/or config.reward.model")
     self.config, self.spec, self.tokenizer = config, spec, tokenizer
     self.mesh, self.rules = mesh, rules
     self.ref_spec, self.ref_params = ref_spec, ref_params
     self.reward_fn, self.reward_model = reward_fn, reward_model
+    # The run's answer check (data/verifiers.py), for the answer accuracy of rollouts and of
+    # the evaluation, which uses this engine.
+    self.answer_check = answer_check
     self.stops = chat_template.stop_ids(tokenizer, config.data.chat_template)
     rl = config.rl
     self._sample = self.make_sampler(rl.max_new_tokens, temperature=rl.temperature,
@@ -295,6 +180,13 @@ class RolloutEngine:
       scores = scores + to_host(self.reward_model(device))
     return scores.astype(np.float32)
 
+  def check_answers(self, replies: Sequence[str] | None, prompts: Sequence[Prompt]
+                    ) -> list[bool]:
+    """Whether each reply states its prompt's answer (`answer_check`), for the prompts that
+    have one."""
+    return [bool(self.answer_check(r, p.answer)) for r, p in zip(replies or (), prompts)
+            if p.answer is not None]
+
   def forward(self, params, rows: dict[str, np.ndarray], mask: np.ndarray,
               chunks: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Policy / reference log-probs (and values) `[B, T]`, computed chunk by chunk."""
@@ -318,7 +210,8 @@ class RolloutEngine:
     model = self.forward(params, rows, mask, chunks)
     rollout = Rollout(prompts=prompts, rows=rows, mask=mask, replies=replies, stopped=stopped,
                       scores=scores, log_probs=model["log_probs"],
-                      ref_log_probs=model["ref_log_probs"], values=model.get("values"))
+                      ref_log_probs=model["ref_log_probs"], values=model.get("values"),
+                      answers_correct=self.check_answers(replies, prompts))
     return rollout, {"generate_s": generated - start,
                      "score_s": time.perf_counter() - generated}
 
