@@ -11,7 +11,9 @@ a reply is right when it contains the reference answer (`answer_correct`).
                  but wrong one (a wrong town / number / name) or an evasive one; also the
                  labelled-ShareGPT form.
   feedback       KTO: {prompt, completion, label} from the same pairs, unpaired.
-  prompts        {prompt, answer} for RL with a verifiable reward and for synthesis.
+  prompts        {prompt, answer} for RL with a verifiable reward and for synthesis; also the
+                 'unseen' RL prompt set: validation questions (never trained on by SFT) split
+                 in two by a hash of their text, half to train RL on, half held out.
 
 Splits: a question template instance goes to validation when the CRC-32 of its text falls in
 one bucket of `_VALIDATION_BUCKETS`, so train and validation never share a question.
@@ -195,11 +197,41 @@ def ensure_tiny_tasks(out_dir: str, kind: str, num_train: int, num_validation: i
   paths = {}
   for split, num in (("train", num_train), ("validation", num_validation)):
     path = os.path.join(out_dir, f"tiny_{kind}-{split}.jsonl")
-    text = "".join(json.dumps(r) + "\n" for r in KINDS[kind](split, num, seed))
-    if not (os.path.exists(path) and open(path, encoding="utf-8").read() == text):
-      tmp = f"{path}.tmp{os.getpid()}"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-      os.replace(tmp, path)
+    _write_if_changed(path, KINDS[kind](split, num, seed))
     paths[split] = path
   return paths
+
+
+def held_out_half(prompt: str) -> bool:
+  """Splits the unseen questions in two by a hash of their text (independent of the
+  train / validation split of the questions)."""
+  return zlib.crc32(f"rl-eval/{prompt}".encode()) % 2 == 1
+
+
+def ensure_unseen_prompts(out_dir: str, num: int, seed: int = 0) -> dict:
+  """The 'unseen' RL prompt set: `num` validation {prompt, answer} records split by
+  `held_out_half` into `{out_dir}/tiny_prompts_unseen-train.jsonl` (RL trains on these) and
+  `tiny_prompts_unseen-eval.jsonl` (held out from every stage), each written if not already
+  identical. Returns the paths as {'train': ..., 'validation': ...}."""
+  records = prompt_records("validation", num, seed=seed)
+  paths = {}
+  for split, name, held_out in (("train", "train", False), ("validation", "eval", True)):
+    path = os.path.join(out_dir, f"tiny_prompts_unseen-{name}.jsonl")
+    _write_if_changed(path, [r for r in records if held_out_half(r["prompt"]) == held_out])
+    paths[split] = path
+  return paths
+
+
+def _write_if_changed(path: str, records: list[dict]) -> None:
+  """One JSON line per record, written then renamed (a concurrent reader never sees half a
+  file), unless the file already holds exactly that text."""
+  text = "".join(json.dumps(r) + "\n" for r in records)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      if f.read() == text:
+        return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)

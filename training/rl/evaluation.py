@@ -7,8 +7,9 @@ give two sets of figures.
 Greedy replies (one per prompt: the policy's single best guess):
 
   eval/reward           mean score (reward function / model, missing-stop penalty included)
-  eval/answer_accuracy  reply states the prompt's answer (data/tiny_tasks.answer_correct), when
-                        the prompts carry answers: comparable to SFT's eval/answer_accuracy
+  eval/answer_accuracy  reply states the prompt's answer (the run's config.data.answer_checker,
+                        data/verifiers.py), when the prompts carry answers: comparable to
+                        SFT's eval/answer_accuracy, which uses the same checker
   eval/stop_rate        reply ended with a stop token
   eval/response_length  tokens per reply
   eval/kl               KL to the reference along the reply: sum over its tokens of the exact
@@ -50,10 +51,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from data import tiny_tasks
+from data.prompts import PromptItem
+from parallel.host_data import to_global, to_host
 from parallel.rules import use_mesh_rules
 from training.rl.policy import response_logits, token_kl
-from training.rl.rollout import PromptItem, RolloutEngine, repeat_items, to_global, to_host
+from training.rl.rollout import RolloutEngine, repeat_items
 
 
 class Evaluator:
@@ -138,7 +140,5 @@ class Evaluator:
       out["kls"].extend(part_kl[:real])
       out["lengths"].extend(mask.sum(-1)[:real])
       out["stopped"].extend(stop[:real])
-      out["correct"].extend(tiny_tasks.answer_correct(r, p.answer)
-                            for r, p in zip(replies or (), prompts[:real])
-                            if p.answer is not None)
+      out["correct"].extend(engine.check_answers(replies, prompts[:real]))
     return out
