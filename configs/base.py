@@ -4,30 +4,10 @@ Sections mirror packages: model, data, objective, optimizer, mesh, checkpoint, t
 All durations are in optimizer steps.
 """
 
-import os
-
 import ml_collections
 
 from configs.models import model_config
-
-
-def run_dir(path: str) -> str:
-  """The workdir of a run given its workdir, its checkpoints dir or one of its step dirs."""
-  path = os.path.normpath(path)
-  parent = os.path.dirname(path)
-  if os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints":
-    path = parent
-  return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
-
-
-def _run_tokenizer_path(path: str) -> str:
-  if not path:
-    return ""
-  folder = os.path.join(run_dir(path), "tokenizer")
-  # A converted Hugging Face model (models/convert) keeps its tokenizer.json there instead.
-  hf = os.path.join(folder, "tokenizer.json")
-  spm = os.path.join(folder, "spm.model")
-  return hf if os.path.exists(hf) and not os.path.exists(spm) else spm
+from configs.run_layout import tokenizer_path
 
 
 def tokenizer_of_run(path_ref: ml_collections.FieldReference) -> ml_collections.FieldReference:
@@ -39,7 +19,7 @@ def tokenizer_of_run(path_ref: ml_collections.FieldReference) -> ml_collections.
   `--config.data.tokenizer=...` replaces it.
   """
   # FieldReference has no public lazy map; `_apply_op` is what its own `+` / `to_str` use.
-  return path_ref._apply_op(_run_tokenizer_path)  # pylint: disable=protected-access
+  return path_ref._apply_op(tokenizer_path)  # pylint: disable=protected-access
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
       tiny_world_domain="world",
       tiny_world_train_docs=20_000,
       tiny_world_eval_docs=1_000,
+      # How a reply is checked against a prompt's short reference answer, wherever answers are
+      # scored (SFT held-out accuracy, RL rewards and evaluation): 'tiny_world' (states it as a
+      # whole word) | 'exact' (is it) | 'package.module:function' (data/verifiers.py).
+      answer_checker="tiny_world",
       seq_len=128,
       global_batch_size=16,
       shuffle=True,
@@ -77,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
       pack_bins=32,            # rows filled at once, first-fit, when packing documents
       skip_invalid=False,      # skip (and count) malformed records instead of failing
       worker_count=0,          # grain worker processes (0: in the main process)
+      # Data shards the global batch is cut into, block k of rows always read from shard k
+      # (parallel/host_data.py). 0: one shard per host's block of rows; a fixed count makes
+      # the batches the same on any number of hosts and any mesh.
+      num_shards=0,
       # A second corpus (continued pretraining: the original one), see data/mixture.py. When
       # replay_source is set its held-out loss is reported as eval_replay/* (forgetting), and
       # replay_weight > 0 mixes that share of its documents into training. Unset fields are

@@ -37,18 +37,3 @@ def parse_flags(argv: Sequence[str]):
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     sys.exit(f"error: {describe_flag_error(str(e), argv)}\nPass --help for usage.")
-
-
-def load_run_config(workdir: str) -> "ml_collections.ConfigDict":
-  """The config a run was trained with, from its `{workdir}/config.json` (locked)."""
-  import json
-  import os
-
-  import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run's workdir?")
-  with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.lock()
-  return config

@@ -3,8 +3,8 @@
 Every stage config picks one with `model_config(name)`. Fields:
   vocab_size, d_model, num_layers, num_heads, num_kv_heads (< num_heads: grouped-query attention),
   head_dim (0: d_model // num_heads), mlp_dim, norm ('rmsnorm' | 'layernorm'), norm_eps,
-  position ('rope' | 'learned'), rope_theta, rope_scaling (see `_base`), max_length (learned
-  positions / RoPE tables),
+  position ('rope' | 'learned'), rope_theta, rope_scaling (see `base_model_config`), max_length
+  (learned positions / RoPE tables),
   activation ('swiglu' | 'gelu'), gelu_approximate (tanh GELU, else exact erf), qkv_bias,
   out_bias, mlp_bias, tie_embeddings,
   dtype (compute), param_dtype, remat ('none' | 'full' | 'save_dots'), scan_layers,
@@ -20,7 +20,7 @@ Encoder only (models/encoder.py; BERT sets all three): norm_position ('pre' | 'p
 import ml_collections
 
 
-def _base() -> ml_collections.ConfigDict:
+def base_model_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       vocab_size=32000,
       d_model=512,
@@ -86,6 +86,6 @@ def model_config(name: str) -> ml_collections.ConfigDict:
   """Returns the model ConfigDict of preset `name` (see PRESETS)."""
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-  config = _base()
+  config = base_model_config()
   config.update(PRESETS[name])
   return config

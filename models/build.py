@@ -45,7 +45,12 @@ def build_model_spec(cfg: ml_collections.ConfigDict, kind: str = "decoder") -> M
   if kind not in MODEL_CLASSES:
     raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(MODEL_CLASSES)}")
   cls = MODEL_CLASSES[kind]
-  make = lambda rngs: cls(cfg, rngs=rngs)
+  return spec_of(cfg, lambda rngs: cls(cfg, rngs=rngs))
+
+
+def spec_of(cfg: ml_collections.ConfigDict, make: Callable[[nnx.Rngs], nnx.Module]) -> ModelSpec:
+  """The ModelSpec of any module `make(rngs)` builds (e.g. training/rl/policy.py's
+  ActorCritic), traced abstractly."""
   abstract = nnx.eval_shape(lambda: make(nnx.Rngs(params=0)))
   graphdef, state = nnx.split(abstract)
   shapes = nnx.to_pure_dict(state)

@@ -21,7 +21,7 @@ gives: the behaviour log-probs RL objectives need, whatever the sampling setting
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -183,24 +183,6 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
   return jax.jit(sharded_sample)
 
 
-# Compiled samplers by (spec, mesh, settings): `generate` called in a loop compiles once per
-# prompt bucket and batch size. Entries hold the spec and mesh, so their ids are never reused.
-_SAMPLERS: dict[tuple, tuple[ModelSpec, Callable, Any]] = {}
-_MAX_SAMPLERS = 16
-
-
-def _cached_sampler(spec: ModelSpec, mesh, rules, **settings) -> Callable:
-  rules_key = None if rules is None else tuple(sorted((k, tuple(v)) for k, v in rules.items()))
-  key = (id(spec), id(mesh), rules_key, tuple(sorted(settings.items())))
-  if key in _SAMPLERS and _SAMPLERS[key][0] is spec and _SAMPLERS[key][2] is mesh:
-    return _SAMPLERS[key][1]
-  if len(_SAMPLERS) >= _MAX_SAMPLERS:
-    _SAMPLERS.pop(next(iter(_SAMPLERS)))
-  fn = make_sampler(spec, mesh=mesh, rules=rules, **settings)
-  _SAMPLERS[key] = (spec, fn, mesh)
-  return fn
-
-
 def check_length(spec: ModelSpec, prompt_len: int, max_new_tokens: int) -> None:
   """Learned position tables end at `config.model.max_length`: prompt + new tokens must fit."""
   cfg = spec.config
@@ -209,59 +191,85 @@ def check_length(spec: ModelSpec, prompt_len: int, max_new_tokens: int) -> None:
                      f"config.model.max_length {cfg.max_length} (learned positions)")
 
 
-def generate(spec: ModelSpec, params: Params, prompts: list[list[int]], *, max_new_tokens: int,
-             eos_id: int, pad_id: int = 0, stop_ids: Sequence[int] = (),
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             rng: jax.Array | None = None, mesh=None, rules: Rules | None = None,
-             prompt_bucket: int = PROMPT_BUCKET) -> SampleOutput:
-  """Continues each prompt by up to `max_new_tokens` tokens.
+class Sampler:
+  """Generation with one model on one mesh; owns its compiled samplers.
 
-  Args:
-    spec: the model's spec (models/build.py).
-    params: its params, plain or sharded on `mesh`.
-    prompts: token ids per prompt (each non-empty; BOS included if the model expects one).
-    max_new_tokens: tokens generated per row at most.
-    eos_id: a row stops after emitting it (the token itself is kept, mask 1).
-    pad_id: fills the prompt padding and `tokens` after a row stopped.
-    stop_ids: more tokens that end a row like `eos_id` (e.g. a chat end-of-turn symbol).
-    temperature: 0 is greedy; else sampling temperature (see the module docstring).
-    top_k: keep the k most likely tokens (0: all).
-    top_p: nucleus probability mass (1.0: all).
-    rng: PRNG key; None uses `PRNGKey(0)`.
-    mesh, rules: run sharded (batch and heads as in training); both or neither.
-    prompt_bucket: prompts are left-padded to a multiple of this, so nearby lengths share one
-      compiled sampler.
-  Returns:
-    `SampleOutput` of numpy arrays (see there); `log_probs` are temperature-1 log-probs.
-  Raises:
-    ValueError: an empty prompt, or (learned positions) a prompt + `max_new_tokens` longer
-      than `config.model.max_length`.
+  `generate` called in a loop (an evaluation every N steps, a file of prompts) compiles once
+  per prompt bucket, batch size and setting, then reuses the compiled function: build one
+  Sampler per model and keep it for the run.
   """
-  if not prompts:
-    raise ValueError("no prompts")
-  for i, prompt in enumerate(prompts):
-    if len(prompt) == 0:
-      raise ValueError(f"prompt {i} is empty")
-  longest = max(len(p) for p in prompts)
-  check_length(spec, longest, max_new_tokens)
-  padded_len = prompt_bucket * math.ceil(longest / prompt_bucket)
-  rows = list(prompts)
-  if mesh is not None:
-    # The batch splits over the mesh axes `batch` maps to: fill it up with copies of the first
-    # prompt (their outputs are dropped).
-    spec_axes = logical_to_spec(("batch",), rules, mesh=mesh)[0] or ()
-    spec_axes = (spec_axes,) if isinstance(spec_axes, str) else spec_axes
-    shards = math.prod(mesh.shape[a] for a in spec_axes)
-    rows += [rows[0]] * (-len(rows) % shards)
-  tokens, lengths = left_pad(rows, padded_len, pad_id)
-  if mesh is not None:
-    tokens = jax.device_put(tokens, batch_sharding(mesh, rules))
-    lengths = jax.device_put(lengths, batch_sharding(mesh, rules, ndim=1))
-  sampler = _cached_sampler(spec, mesh, rules, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                            pad_id=pad_id, stop_ids=tuple(stop_ids), temperature=temperature,
-                            top_k=top_k, top_p=top_p)
-  out = sampler(params, tokens, lengths, jax.random.PRNGKey(0) if rng is None else rng)
-  n = len(prompts)
-  out = {k: np.asarray(jax.device_get(v))[:n] for k, v in out.items()}
-  return SampleOutput(tokens=out["tokens"], log_probs=out["log_probs"], mask=out["mask"],
-                      lengths=out["lengths"])
+
+  def __init__(self, spec: ModelSpec, mesh=None, rules: Rules | None = None):
+    if (mesh is None) != (rules is None):
+      raise ValueError("pass both mesh and rules, or neither")
+    self.spec, self.mesh, self.rules = spec, mesh, rules
+    self._compiled: dict[tuple, Callable] = {}
+
+  def _sampler(self, **settings) -> Callable:
+    key = tuple(sorted(settings.items()))
+    if key not in self._compiled:
+      self._compiled[key] = make_sampler(self.spec, mesh=self.mesh, rules=self.rules,
+                                         **settings)
+    return self._compiled[key]
+
+  def generate(self, params: Params, prompts: list[list[int]], *, max_new_tokens: int,
+               eos_id: int, pad_id: int = 0, stop_ids: Sequence[int] = (),
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               rng: jax.Array | None = None, prompt_bucket: int = PROMPT_BUCKET
+               ) -> SampleOutput:
+    """Continues each prompt by up to `max_new_tokens` tokens.
+
+    Args:
+      params: the model's params, plain or sharded on the sampler's mesh.
+      prompts: token ids per prompt (each non-empty; BOS included if the model expects one).
+      max_new_tokens: tokens generated per row at most.
+      eos_id: a row stops after emitting it (the token itself is kept, mask 1).
+      pad_id: fills the prompt padding and `tokens` after a row stopped.
+      stop_ids: more tokens that end a row like `eos_id` (e.g. a chat end-of-turn symbol).
+      temperature: 0 is greedy; else sampling temperature (see the module docstring).
+      top_k: keep the k most likely tokens (0: all).
+      top_p: nucleus probability mass (1.0: all).
+      rng: PRNG key; None uses `PRNGKey(0)`.
+      prompt_bucket: prompts are left-padded to a multiple of this, so nearby lengths share
+        one compiled sampler.
+    Returns:
+      `SampleOutput` of numpy arrays (see there); `log_probs` are temperature-1 log-probs.
+    Raises:
+      ValueError: an empty prompt, or (learned positions) a prompt + `max_new_tokens` longer
+        than `config.model.max_length`.
+    """
+    if not prompts:
+      raise ValueError("no prompts")
+    for i, prompt in enumerate(prompts):
+      if len(prompt) == 0:
+        raise ValueError(f"prompt {i} is empty")
+    longest = max(len(p) for p in prompts)
+    check_length(self.spec, longest, max_new_tokens)
+    padded_len = prompt_bucket * math.ceil(longest / prompt_bucket)
+    rows = list(prompts)
+    mesh, rules = self.mesh, self.rules
+    if mesh is not None:
+      # The batch splits over the mesh axes `batch` maps to: fill it up with copies of the
+      # first prompt (their outputs are dropped).
+      spec_axes = logical_to_spec(("batch",), rules, mesh=mesh)[0] or ()
+      spec_axes = (spec_axes,) if isinstance(spec_axes, str) else spec_axes
+      shards = math.prod(mesh.shape[a] for a in spec_axes)
+      rows += [rows[0]] * (-len(rows) % shards)
+    tokens, lengths = left_pad(rows, padded_len, pad_id)
+    if mesh is not None:
+      tokens = jax.device_put(tokens, batch_sharding(mesh, rules))
+      lengths = jax.device_put(lengths, batch_sharding(mesh, rules, ndim=1))
+    sampler = self._sampler(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                            stop_ids=tuple(stop_ids), temperature=temperature, top_k=top_k,
+                            top_p=top_p)
+    out = sampler(params, tokens, lengths, jax.random.PRNGKey(0) if rng is None else rng)
+    n = len(prompts)
+    out = {k: np.asarray(jax.device_get(v))[:n] for k, v in out.items()}
+    return SampleOutput(tokens=out["tokens"], log_probs=out["log_probs"], mask=out["mask"],
+                        lengths=out["lengths"])
+
+
+def generate(spec: ModelSpec, params: Params, prompts: list[list[int]], *, mesh=None,
+             rules: Rules | None = None, **kwargs) -> SampleOutput:
+  """One `Sampler.generate` call (compiles afresh: a loop should keep a `Sampler`)."""
+  return Sampler(spec, mesh, rules).generate(params, prompts, **kwargs)

@@ -15,11 +15,15 @@ from __future__ import annotations
 import sys
 from typing import Iterable, Iterator, TextIO
 
+import jax
 from absl import app, flags, logging
 
 from configs.cli import parse_flags
-from scripts.generate import (FLAGS, LoadedModel, completion_text, define_sampling_flags,
-                              load_model, prompt_tokens, stop_tokens)
+from data.conversation import Turn
+from models.sampler import Sampler
+from scripts.generate import (FLAGS, completion_text, define_sampling_flags, load_decoder,
+                              prompt_tokens, stop_tokens)
+from training.runs import LoadedModel
 
 
 class ChatSession:
@@ -36,13 +40,13 @@ class ChatSession:
     self.settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                          top_p=top_p)
     self.stops = stop_tokens(model.tokenizer, template)
+    self.sampler = Sampler(model.spec, model.mesh, model.rules)
     self.seed = seed
     self.replies = 0
     self.turns: list = []
     self.reset()
 
   def reset(self) -> None:
-    from data.conversation import Turn
     self.turns = [Turn("system", self.system)] if self.system else []
 
   def _prompt(self) -> list[int]:
@@ -61,16 +65,12 @@ class ChatSession:
     return ids
 
   def reply(self, user_text: str) -> str:
-    import jax
-
-    from data.conversation import Turn
-    from models.sampler import generate
     self.turns.append(Turn("user", user_text))
     model = self.model
-    result = generate(model.spec, model.params, [self._prompt()], eos_id=model.tokenizer.eos_id,
-                      pad_id=model.tokenizer.pad_id, stop_ids=self.stops,
-                      rng=jax.random.fold_in(jax.random.PRNGKey(self.seed), self.replies),
-                      mesh=model.mesh, rules=model.rules, **self.settings)
+    result = self.sampler.generate(
+        model.params, [self._prompt()], eos_id=model.tokenizer.eos_id,
+        pad_id=model.tokenizer.pad_id, stop_ids=self.stops,
+        rng=jax.random.fold_in(jax.random.PRNGKey(self.seed), self.replies), **self.settings)
     self.replies += 1
     tokens = result.tokens[0, :result.lengths[0]].tolist()
     text = completion_text(model.tokenizer, tokens, self.stops)
@@ -103,7 +103,7 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)
-  session = ChatSession(load_model(FLAGS.workdir), template=FLAGS.chat_template,
+  session = ChatSession(load_decoder(FLAGS.workdir), template=FLAGS.chat_template,
                         system=FLAGS.system, max_new_tokens=FLAGS.max_new_tokens,
                         temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                         seed=FLAGS.seed)

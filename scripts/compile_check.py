@@ -25,10 +25,18 @@ import sys
 import time
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from configs.cli import parse_flags
+from models.build import count_params
+from parallel.rules import describe_layout
+from parallel.tpu_topology import parse_topology, topology_devices
+from training.registry import get_stage
+from training.setup import build_setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",
                                           lock_config=True)
@@ -49,8 +57,6 @@ def abstract_batch(config, stage) -> dict[str, Any]:
 
   A stage may define `abstract_batch(config)`; the text stages share the packed-row layout.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   if getattr(stage, "abstract_batch", None) is not None:
     return stage.abstract_batch(config)
   if stage.name not in ("clm",):
@@ -64,44 +70,20 @@ def abstract_batch(config, stage) -> dict[str, Any]:
 def lower_train_step(config, devices: Sequence[Any] | None = None):
   """Lowers the train step of `config` for `devices` (default: this machine's) from shapes.
 
-  Returns:
-    (lowered, info): `jax.stages.Lowered` and a dict with the mesh, rules, spec, optimizer
-    and the abstract train state.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import models  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from models.build import build_model_spec  # pylint: disable=g-import-not-at-top
-  from parallel.mesh import make_mesh  # pylint: disable=g-import-not-at-top
-  from parallel.rules import batch_sharding, get_rules, tree_shardings  # pylint: disable=g-import-not-at-top
-  from training.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
-  from training.stages import get_stage  # pylint: disable=g-import-not-at-top
-  from training.state import abstract_train_state, shardings_of  # pylint: disable=g-import-not-at-top
-  from training.step import make_train_step  # pylint: disable=g-import-not-at-top
+  The run is built by training/setup.py like a training run's, LoRA adapters and frozen models
+  (a LoRA base, a reference, a teacher) included, as sharded shapes only.
 
-  mesh = make_mesh(config.mesh, devices)
-  rules = get_rules(config.mesh.rules)
-  stage = get_stage(config.objective.name)
-  spec = build_model_spec(config.model, stage.model_kind)
-  optimizer, schedule = make_optimizer(config.optimizer, config.train.steps)
-  abstract_state = abstract_train_state(spec, optimizer, mesh, rules)
-  with_sharding = lambda tree, shardings: jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-  frozen_specs, frozen_params, frozen_shardings = {}, {}, {}
-  for name, frozen in stage.frozen_models(config).items():
-    frozen_specs[name] = build_model_spec(frozen.model_config, frozen.kind)
-    shapes = frozen_specs[name].shapes
-    frozen_shardings[name] = tree_shardings(frozen_specs[name].logical_axes, shapes, mesh, rules)
-    frozen_params[name] = with_sharding(shapes, frozen_shardings[name])
-  step = make_train_step(spec, stage.loss_fn, optimizer, schedule, config.objective, mesh=mesh,
-                         rules=rules, shardings=shardings_of(abstract_state),
-                         grad_accum_steps=config.train.grad_accum_steps,
-                         frozen_specs=frozen_specs, frozen_shardings=frozen_shardings)
-  batch = abstract_batch(config, stage)
-  data_sharding = batch_sharding(mesh, rules)
-  batch = with_sharding(batch, jax.tree.map(lambda _: data_sharding, batch))
-  lowered = step.lower(abstract_state, batch, frozen_params)
-  return lowered, dict(mesh=mesh, rules=rules, spec=spec, optimizer=optimizer,
-                       abstract_state=abstract_state)
+  Returns:
+    (lowered, setup): `jax.stages.Lowered` and the training/setup.py RunSetup.
+  """
+  setup = build_setup(config, get_stage(config.objective.name), devices=devices)
+  frozen = setup.load_frozen(abstract=True)
+  step = setup.train_step(frozen)
+  batch = abstract_batch(config, setup.stage)
+  data_sharding = setup.data_sharding
+  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=data_sharding),
+                       batch)
+  return step.lower(setup.abstract_state, batch, frozen.params), setup
 
 
 def device_memory(compiled) -> dict[str, int]:
@@ -121,8 +103,6 @@ def device_memory(compiled) -> dict[str, int]:
 
 def argument_bytes(tree: Any) -> int:
   """Bytes of one device's shards of a pytree of sharded ShapeDtypeStructs."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
              for a in jax.tree.leaves(tree))
 
@@ -178,11 +158,6 @@ def check(config, *, topology: str = "", num_slices: int = 1, hbm_gib: float | N
   Returns:
     A summary dict (also printed as the last line, JSON) with `fits` True / False / None.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from models.build import count_params  # pylint: disable=g-import-not-at-top
-  from parallel.rules import describe_layout  # pylint: disable=g-import-not-at-top
-  from parallel.tpu_topology import parse_topology, topology_devices  # pylint: disable=g-import-not-at-top
-
   say = lambda text, end="\n": print(text, file=out, flush=True, end=end)
   devices, budget, target_name = None, None, "this machine"
   if topology:
@@ -192,7 +167,7 @@ def check(config, *, topology: str = "", num_slices: int = 1, hbm_gib: float | N
   if hbm_gib:
     budget = int(hbm_gib * GIB)
   start = time.perf_counter()
-  lowered, info = lower_train_step(config, devices)
+  lowered, setup = lower_train_step(config, devices)
   try:
     memory = device_memory(lowered.compile())
     refused = None
@@ -202,14 +177,14 @@ def check(config, *, topology: str = "", num_slices: int = 1, hbm_gib: float | N
     refused = _parse_out_of_memory(str(e))
     if refused is None:
       raise
-    memory = dict(argument=argument_bytes(info["abstract_state"]), temp=refused["needed"])
+    memory = dict(argument=argument_bytes(setup.abstract_state), temp=refused["needed"])
     if refused["available"]:
       budget = refused["available"]
   seconds = time.perf_counter() - start
-  mesh, spec = info["mesh"], info["spec"]
+  mesh, spec = setup.mesh, setup.spec
   device = mesh.devices.flat[0]
   params = count_params(spec.shapes)
-  state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(info["abstract_state"]))
+  state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(setup.abstract_state))
 
   say(f"target      {target_name}: {mesh.size} x {device.device_kind}"
       + (f", {_gib(budget)} per device" if budget else ""))
@@ -238,7 +213,7 @@ def check(config, *, topology: str = "", num_slices: int = 1, hbm_gib: float | N
         + ("fits" if fits else "DOES NOT FIT"))
     say(f"total       {_gib(memory['total'])}{verdict}")
   if print_layout:
-    say(describe_layout(spec.logical_axes, info["abstract_state"]["params"]), end="")
+    say(describe_layout(spec.logical_axes, setup.abstract_state["params"]), end="")
   summary = dict(target=topology or "local", num_slices=num_slices, devices=mesh.size,
                  mesh=dict(mesh.shape), batch=config.data.global_batch_size,
                  seq_len=config.data.seq_len, params=params, compile_seconds=round(seconds, 1),
@@ -251,7 +226,6 @@ def check(config, *, topology: str = "", num_slices: int = 1, hbm_gib: float | N
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=g-import-not-at-top
   if _TOPOLOGY.value:
     # Compile for the topology only: JAX's own backend stays on the CPU even on a TPU VM, so
     # the check never touches (or waits for) chips a training run may hold.

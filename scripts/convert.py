@@ -19,10 +19,16 @@
 
 Families: llama, mistral, qwen2, gpt2, and their one-label *ForSequenceClassification (reward
 / value heads); bert (masked LM, our "encoder"). Conversion streams one tensor at a time; see
-models/convert/.
+models/convert/ and training/hf_runs.py.
 """
 
 from absl import app, flags, logging
+
+from configs.base import base_config
+from parallel.mesh import make_mesh
+from parallel.rules import get_rules
+from training.hf_runs import export_hf, import_hf
+from training.metrics import flatten_dict
 
 # Compute choices a stage keeps its own values of; every other field defines the checkpoint.
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "attention_block", "init_std")
@@ -54,7 +60,6 @@ def define_flags():
 def model_overrides(model_cfg) -> list[str]:
   """`--config.model.X=V` flags that turn any stage preset's model into `model_cfg`'s
   architecture (all of its fields: presets differ from each other in any of them)."""
-  from training.metrics import flatten_dict
   return [f"--config.model.{k}={v}" for k, v in sorted(flatten_dict(model_cfg.to_dict()).items())
           if k not in _RUNTIME_FIELDS]
 
@@ -63,9 +68,6 @@ def _mesh(f):
   sizes = dict(data=f.mesh_data, fsdp=f.mesh_fsdp, tensor=f.mesh_tensor)
   if not any(sizes.values()):
     return None, None
-  from configs.base import base_config
-  from parallel.mesh import make_mesh
-  from parallel.rules import get_rules
   mesh_config = base_config().mesh
   mesh_config.update({k: (v or 1) for k, v in sizes.items()})
   return make_mesh(mesh_config), get_rules(f.rules)
@@ -81,15 +83,14 @@ def main(argv):
   exporting = bool(from_run and to_hf)
   if importing == exporting:
     raise app.UsageError("give either --from-hf DIR --to CKPT_DIR or --from CKPT_DIR --to-hf DIR")
-  from models import convert  # after flags: keeps --help fast
   if importing:
     mesh, rules = _mesh(f)
-    model_cfg = convert.import_hf(from_hf, to, kind=f.kind, param_dtype=f.param_dtype,
+    model_cfg = import_hf(from_hf, to, kind=f.kind, param_dtype=f.param_dtype,
                                   scan_layers=f.scan_layers, mesh=mesh, rules=rules)
     print(f"wrote {to}; start a stage from it with\n  --config.init_from={to} "
           + " ".join(model_overrides(model_cfg)))
   else:
-    hf_config = convert.export_hf(from_run, to_hf, family=f.family, kind=f.kind, dtype=f.dtype,
+    hf_config = export_hf(from_run, to_hf, family=f.family, kind=f.kind, dtype=f.dtype,
                                   max_shard_bytes=f.max_shard_mb * 1_000_000)
     print(f"wrote {to_hf} ({hf_config['architectures'][0]})")
 

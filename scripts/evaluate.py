@@ -6,59 +6,72 @@
 
 The run's own config (`config.json`) decides the stage, model and data; the whole eval split
 is read once (or `--max_batches`), and the stage's own evaluation (e.g. generation accuracy)
-runs too. Metrics are printed and, with `--output`, written as JSON.
+runs too. A LoRA run is evaluated as its adapters merged onto their base; an RL run (PPO,
+GRPO, RLOO, online DPO) by its held-out rollouts (training/rl/evaluation.py), the figures its
+eval iterations log. Metrics are printed and, with `--output`, written as JSON.
 """
 
 import json
 
+import jax
 from absl import app, flags, logging
 
 from configs.cli import parse_flags
-
+from configs.run_layout import read_run_config
+from data.pipeline import resolve_tokenizer
+from data.prompts import load_prompts
+from training.evaluation import SplitEvaluator, stage_batches
+from training.registry import get_stage
+from training.rl.loop import RLTrainer
+from training.runs import load_model, load_params
+from training.setup import build_setup
+from training.stage import EvalContext
 
 
 def evaluate_run(workdir: str, eval_files: str = "", max_batches: int = 0) -> dict[str, float]:
   """Held-out metrics of the latest checkpoint of the run in `workdir`."""
-  import jax
-
-  import models  # noqa: F401
-  from configs.cli import load_run_config
-  from data.pipeline import resolve_tokenizer
-  from models.build import build_model_spec
-  from parallel.mesh import make_mesh
-  from parallel.rules import batch_sharding, get_rules, tree_shardings
-  from training.checkpoint import Checkpointer
-  from training.loop import EvalContext, evaluate, load_frozen_models
-  from training.stages import get_stage
-  from training.step import make_eval_step
-
-  config = load_run_config(workdir)
+  config = read_run_config(workdir)
   if eval_files:
     with config.unlocked():
       config.data.source, config.data.eval_files = "files", eval_files
-  mesh, rules = make_mesh(config.mesh), get_rules(config.mesh.rules)
-  tokenizer = resolve_tokenizer(config.data, workdir)
   stage = get_stage(config.objective.name)
-  spec = build_model_spec(config.model, stage.model_kind)
-  shardings = tree_shardings(spec.logical_axes, spec.shapes, mesh, rules)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        spec.shapes, shardings)
-  params = Checkpointer.restore_params(workdir, target)
-  frozen_specs, frozen_params, frozen_shardings = load_frozen_models(stage, config, mesh, rules)
-  eval_step = make_eval_step(spec, stage.loss_fn, config.objective, mesh=mesh, rules=rules,
-                             params_shardings=shardings, frozen_specs=frozen_specs,
-                             frozen_shardings=frozen_shardings)
-  hosts, host = jax.process_count(), jax.process_index()
-  make_iter = lambda: iter(stage.make_dataset(
-      config, tokenizer, split="eval", batch_size=config.data.global_batch_size // hosts,
-      shard_index=host, shard_count=hosts, seed=config.seed, num_epochs=1, workdir=workdir))
-  steps = max_batches or 2 ** 31
-  metrics = evaluate(eval_step, params, make_iter, steps, batch_sharding(mesh, rules),
-                     config.data.global_batch_size, frozen_params)
-  if stage.evaluate is not None:
-    metrics.update(stage.evaluate(EvalContext(config, tokenizer, spec, params, mesh, rules,
-                                              workdir)))
+  if stage.train is not None:  # an RL run: its held-out rollouts, as at its eval iterations
+    return evaluate_rl_run(config, workdir)
+  # A LoRA run is evaluated as the model it trained: adapters merged onto their base.
+  with config.unlocked():
+    config.lora.enabled = False
+  setup = build_setup(config, stage)
+  tokenizer = resolve_tokenizer(config.data, workdir)
+  model = load_model(workdir, kind=stage.model_kind, mesh=setup.mesh, rules=setup.rules,
+                     with_tokenizer=False)
+  frozen = setup.load_frozen()
+  eval_step = setup.eval_step(frozen, jax.tree.map(lambda a: a.sharding, model.params))
+  evaluator = SplitEvaluator(
+      eval_step, lambda: stage_batches(stage.make_dataset, config, tokenizer, split="eval",
+                                       sharding=setup.data_sharding, workdir=workdir,
+                                       num_epochs=1),
+      steps=max_batches or 2 ** 31, sharding=setup.data_sharding,
+      size=config.data.global_batch_size)
+  metrics = evaluator(model.params, frozen.params)
+  if stage.make_evaluator is not None:
+    stage_evaluator = stage.make_evaluator(EvalContext(config, tokenizer, model.spec,
+                                                       setup.mesh, setup.rules, workdir))
+    metrics.update(stage_evaluator(model.params))
   return metrics
+
+
+def evaluate_rl_run(config, workdir: str) -> dict[str, float]:
+  """An RL run's held-out figures (training/rl/evaluation.py): greedy and sampled reward,
+  answer accuracy and KL to the reference on its held-out prompts and on prompts it trains
+  on, for the policy of its latest checkpoint."""
+  tokenizer = resolve_tokenizer(config.data, workdir)
+  train_items = load_prompts(config, tokenizer, "train", workdir)
+  eval_items = load_prompts(config, tokenizer, "eval", workdir, distinct=True,
+                            limit=config.eval.num_prompts)
+  trainer = RLTrainer(config, tokenizer=tokenizer, train_items=train_items,
+                      eval_items=eval_items)
+  params = load_params(workdir, trainer.spec, trainer.mesh, trainer.rules)
+  return trainer.evaluator(params)
 
 
 def main(argv):

@@ -4,7 +4,7 @@ r"""Generate completions for a file of prompts with a trained run's latest check
       --output completions.jsonl [--max_new_tokens 64 --temperature 0 --top_k 0 --top_p 1 \
       --seed 0 --batch_size 16 --chat_template none|default|chatml]
 
-Input: JSONL in the "Prompts only" format (FORMATS.md): `{"prompt": "...", "answer": "..."}`,
+Input: JSONL in the "Prompts only" format (docs/formats.md): `{"prompt": "...", "answer": "..."}`,
 `prompt` a text or (with a chat template) a list of ShareGPT turns ending with the user's. A bad
 line is an error naming file:line. Output: one JSON line per prompt, in input order,
 
@@ -15,20 +15,27 @@ turn) when the row stopped, `completion` is their text without it, and `logprob`
 their log-probs under the model's unmodified (temperature-1) distribution.
 
 The run's `config.json` gives the model (missing fields take today's defaults), the mesh and
-the tokenizer (`config.data.tokenizer`, else the run's `tokenizer/spm.model`). A LoRA run is
-merged into its base (`init_from`). `--temperature 0` is greedy, so a rerun is identical.
+the tokenizer (`config.data.tokenizer`, else the run's `tokenizer/spm.model` or a converted
+model's `tokenizer/tokenizer.json`); training/runs.py loads it. A LoRA run is merged into its
+base (`init_from`). `--temperature 0` is greedy, so a rerun is identical.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
+import jax
 from absl import app, flags, logging
 
 from configs.cli import parse_flags
+from configs.run_layout import read_run_config
+from data.chat_template import render_prompt, stop_ids
+from data.conversation import Turn, parse_prompt
+from data.records import InvalidRecord, iter_jsonl_records
+from models.sampler import Sampler
+from training.runs import LoadedModel, load_model, run_model_kind
 
 TEMPLATES = ("none", "default", "chatml")
 
@@ -56,63 +63,15 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", 16, "Prompts generated at once.")
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-  """What generation needs from a run: its config, model, params, tokenizer and mesh."""
-  config: Any
-  spec: Any
-  params: Any
-  tokenizer: Any
-  mesh: Any
-  rules: Any
-
-
-def tokenizer_path(workdir: str, config) -> str:
-  """`config.data.tokenizer` when set, else the run's own `tokenizer/spm.model`."""
-  configured = config.data.get("tokenizer", "") if "data" in config else ""
-  path = configured or os.path.join(workdir, "tokenizer", "spm.model")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"tokenizer {path} not found (set in {workdir}/config.json "
-                            "data.tokenizer, or the run's tokenizer/spm.model)")
-  return path
-
-
-def load_model(workdir: str) -> LoadedModel:
-  """Restores the latest params of the run in `workdir`, sharded on the run's own mesh."""
-  import jax
-
-  import models  # noqa: F401  (flax variable-sharding mode)
-  from data.tokenizer import Tokenizer
-  from models import lora as lora_lib
-  from models.build import build_model_spec
-  from models.convert.hf_export import load_run_config, run_kind
-  from parallel.mesh import make_mesh
-  from parallel.rules import get_rules, tree_shardings
-  from training.checkpoint import Checkpointer
-
-  config = load_run_config(workdir)
-  kind = run_kind(config)
-  if kind in ("encoder", "reward"):
+def load_decoder(workdir: str) -> LoadedModel:
+  """The latest params of the run in `workdir` as a decoder, sharded on the run's own mesh
+  (training/runs.py `load_model`; a LoRA run merged into its base). An RL policy loads as
+  its decoder (the value head is not read); encoders and reward models cannot generate.
+  """
+  kind = run_model_kind(read_run_config(workdir))
+  if kind != "decoder":
     raise ValueError(f"{workdir} holds a {kind!r} model; only decoders generate text")
-  mesh, rules = make_mesh(config.mesh), get_rules(config.mesh.rules)
-  # Restored as a plain decoder whatever the stage's kind (e.g. an RL policy with a value
-  # head): the partial restore reads the decoder's params and ignores the rest.
-  spec = build_model_spec(config.model, "decoder")
-
-  def target(shapes, axes):
-    shardings = tree_shardings(axes, shapes, mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        shapes, shardings)
-
-  if lora_lib.is_enabled(config):
-    lora = lora_lib.make_lora_spec(spec, config.lora)
-    base = Checkpointer.restore_params(config.init_from, target(spec.shapes, spec.logical_axes))
-    adapters = Checkpointer.restore_params(workdir, target(lora.shapes, lora.logical_axes))
-    params = jax.jit(lambda b, a: lora_lib.merge_lora(b, a, lora))(base, adapters)
-  else:
-    params = Checkpointer.restore_params(workdir, target(spec.shapes, spec.logical_axes))
-  tokenizer = Tokenizer.load(tokenizer_path(workdir, config))
-  return LoadedModel(config, spec, params, tokenizer, mesh, rules)
+  return load_model(workdir, kind="decoder")
 
 
 def prompt_tokens(tokenizer, prompt, template: str, add_bos: bool = True) -> list[int]:
@@ -126,8 +85,6 @@ def prompt_tokens(tokenizer, prompt, template: str, add_bos: bool = True) -> lis
     if not isinstance(prompt, str):
       raise ValueError("a prompt given as turns needs a chat template (--chat_template)")
     return tokenizer.encode(prompt, add_bos=add_bos)
-  from data.chat_template import render_prompt
-  from data.conversation import Turn
   turns = (Turn("user", prompt),) if isinstance(prompt, str) else tuple(prompt)
   return render_prompt(tokenizer, turns, template, add_bos=add_bos)
 
@@ -136,7 +93,6 @@ def stop_tokens(tokenizer, template: str) -> list[int]:
   """EOS, plus the template's end-of-turn token."""
   if template == "none":
     return [tokenizer.eos_id]
-  from data.chat_template import stop_ids
   return sorted(set(stop_ids(tokenizer, template)) | {tokenizer.eos_id})
 
 
@@ -154,8 +110,6 @@ def read_prompts(path: str, template: str) -> Iterator[dict]:
   Raises:
     RecordError: a malformed line (file:line), or turns given with `template='none'`.
   """
-  from data.conversation import parse_prompt
-  from data.records import InvalidRecord, iter_jsonl_records
 
   def validate(obj):
     parsed = parse_prompt(obj)
@@ -177,10 +131,6 @@ def generate_file(model: LoadedModel, prompts_path: str, output_path: str, *,
   Every batch is filled up to `batch_size` (copies of its first prompt, dropped), so all
   batches of one prompt-length bucket share one compiled sampler.
   """
-  import jax
-
-  from models.sampler import generate
-
   if chat_template not in TEMPLATES:
     raise ValueError(f"unknown chat template {chat_template!r}; choose one of {TEMPLATES}")
   tok = model.tokenizer
@@ -188,6 +138,7 @@ def generate_file(model: LoadedModel, prompts_path: str, output_path: str, *,
   stops = stop_tokens(tok, chat_template)
   records = list(read_prompts(prompts_path, chat_template))
   rng = jax.random.PRNGKey(seed)
+  sampler = Sampler(model.spec, model.mesh, model.rules)
   count = 0
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   with open(output_path, "w", encoding="utf-8") as out:
@@ -195,10 +146,10 @@ def generate_file(model: LoadedModel, prompts_path: str, output_path: str, *,
       batch = records[start:start + batch_size]
       ids = [prompt_tokens(tok, r["context"], chat_template, add_bos) for r in batch]
       ids += [ids[0]] * (batch_size - len(ids))
-      result = generate(model.spec, model.params, ids, max_new_tokens=max_new_tokens,
-                        eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stops,
-                        temperature=temperature, top_k=top_k, top_p=top_p,
-                        rng=jax.random.fold_in(rng, start), mesh=model.mesh, rules=model.rules)
+      result = sampler.generate(model.params, ids, max_new_tokens=max_new_tokens,
+                                eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stops,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                rng=jax.random.fold_in(rng, start))
       for i, record in enumerate(batch):
         tokens = result.tokens[i, :result.lengths[i]].tolist()
         line = {"prompt": record["prompt"], "completion": completion_text(tok, tokens, stops),
@@ -217,7 +168,7 @@ def main(argv):
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
   logging.set_verbosity(logging.INFO)
-  model = load_model(FLAGS.workdir)
+  model = load_decoder(FLAGS.workdir)
   count = generate_file(model, FLAGS.prompts, FLAGS.output, max_new_tokens=FLAGS.max_new_tokens,
                         temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                         seed=FLAGS.seed, batch_size=FLAGS.batch_size,

@@ -24,6 +24,8 @@ import sys
 from absl import app, flags, logging
 
 from configs.cli import parse_flags
+from training.metrics import quiet_library_logs, read_metrics
+from training.run import run_stage
 
 # (stage, config module, preset, overrides; "{name}" is the workdir of an earlier stage).
 PIPELINE = (
@@ -78,7 +80,6 @@ def command(workdir: str, name: str, module: str, preset: str, overrides: dict) 
 
 def headline(run_dir: str) -> dict[str, float]:
   """The stage's last logged value of each headline metric."""
-  from training.metrics import read_metrics
   last: dict[str, float] = {}
   for record in read_metrics(run_dir):
     last.update({k: v for k, v in record.items() if k in HEADLINES or k.endswith("_init/loss")})
@@ -86,7 +87,6 @@ def headline(run_dir: str) -> dict[str, float]:
 
 
 def run_pipeline(workdir: str, stages: list[str]) -> dict[str, dict[str, float]]:
-  from training.run import run_stage
   # A run of some stages keeps the other stages' figures of an earlier run of this workdir.
   summary_path = os.path.join(workdir, "summary.json")
   summary = {}
@@ -116,7 +116,6 @@ def main(argv):
       print(shlex.join(command(flags.FLAGS.workdir, name, module, preset, overrides)))
     return
   logging.set_verbosity(logging.INFO)
-  from training.metrics import quiet_library_logs
   quiet_library_logs()
   summary = run_pipeline(flags.FLAGS.workdir, flags.FLAGS.stages)
   for name, figures in summary.items():

@@ -23,6 +23,7 @@ import sys
 from absl import app, flags
 
 from configs.cli import parse_flags
+from training.metrics import read_metrics
 
 
 
@@ -57,7 +58,6 @@ def sweep_commands(config: str, workdir: str, grid: list[str], extra: list[str]
 
 def summarise(runs: list[tuple[str, list[str]]], metric: str) -> list[dict]:
   """Last logged value of every metric per run, best `metric` first (missing: last)."""
-  from training.metrics import read_metrics
   rows = []
   for run_dir, _ in runs:
     last: dict = {"run": os.path.basename(run_dir)}

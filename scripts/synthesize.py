@@ -11,10 +11,10 @@ runs/data/tiny_prompts-train.jsonl:
   python -c "from data.tiny_tasks import ensure_tiny_tasks; \
       ensure_tiny_tasks('runs/data', 'prompts', 2000, 200)"
 
-For every prompt of `--prompts` (JSONL "Prompts only" records, FORMATS.md) the run's latest
+For every prompt of `--prompts` (JSONL "Prompts only" records, docs/formats.md) the run's latest
 checkpoint samples `--samples` replies (chat template `--chat_template`, stopped at its end of
-turn), each scored by `--reward` (a function of training/rl/rewards.py, on the reply and the
-record's `answer`) and / or `--reward_model` (a reward-model run: its score at the last token),
+turn), each scored by `--reward` (a function of data/verifiers.py, on the reply and the
+record's `answer`; `answer` scores with `--answer_checker`) and / or `--reward_model` (a reward-model run: its score at the last token),
 minus `--missing_stop_penalty` when a reply ran out of tokens. Output, in the formats the data
 pipeline reads:
 
@@ -35,9 +35,19 @@ import math
 import os
 from typing import Any, Sequence
 
+import jax
+import numpy as np
 from absl import app, flags, logging
 
 from configs.cli import parse_flags
+from data.conversation import Prompt, Turn
+from data.verifiers import get_answer_checker, get_reward_function
+from models.sampler import PROMPT_BUCKET, Sampler, left_pad
+from parallel.host_data import batch_shards, to_global, to_host
+from scripts.generate import (completion_text, define_sampling_flags, load_decoder,
+                              prompt_tokens, read_prompts, stop_tokens)
+from training.rl import rewards
+from training.rl.rollout import build_rows
 
 FLAGS = flags.FLAGS
 MODES = ("sft", "preferences")
@@ -45,7 +55,6 @@ RECORD_FORMATS = ("alpaca", "sharegpt")
 
 
 def define_flags() -> None:
-  from scripts.generate import define_sampling_flags
   define_sampling_flags(default_template="default")
   FLAGS.set_default("temperature", 1.0)
   flags.DEFINE_string("prompts", None, "JSONL file(s) of {\"prompt\", \"answer\"?} records.")
@@ -53,8 +62,10 @@ def define_flags() -> None:
   flags.DEFINE_enum("mode", "sft", MODES, "SFT records or preference pairs.")
   flags.DEFINE_enum("format", "alpaca", RECORD_FORMATS, "SFT record format.")
   flags.DEFINE_integer("samples", 4, "Replies sampled per prompt.")
-  flags.DEFINE_string("reward", "tiny_answer", "Reward function (training/rl/rewards.py); "
-                      "'' for none.")
+  flags.DEFINE_string("reward", "tiny_answer", "Reward function (data/verifiers.py: "
+                      "tiny_answer | exact_answer | answer); '' for none.")
+  flags.DEFINE_string("answer_checker", "tiny_world", "Answer check of --reward answer "
+                      "(data/verifiers.py: tiny_world | exact | package.module:function).")
   flags.DEFINE_string("reward_model", "", "Reward-model run scoring the replies ('' = none).")
   flags.DEFINE_float("missing_stop_penalty", 1.0, "Subtracted when a reply did not stop.")
   flags.DEFINE_float("threshold", 1.0, "--mode sft: lowest score kept.")
@@ -101,29 +112,24 @@ def synthesize(model, prompts_path: str, output_path: str, *, mode: str = "sft",
                threshold: float = 1.0, keep: int = 1, min_margin: float = 0.0,
                max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-               chat_template: str = "default") -> dict[str, float]:
-  """Writes the synthetic records; returns a summary. `model`: scripts/generate.LoadedModel."""
-  import jax
-  import numpy as np
-
-  from data.conversation import Prompt, Turn
-  from models.sampler import PROMPT_BUCKET, generate, left_pad
-  from scripts.generate import completion_text, prompt_tokens, read_prompts, stop_tokens
-  from training.rl import rewards
-  from training.rl.rollout import build_rows, to_global, to_host
-
+               chat_template: str = "default", answer_checker: str = "tiny_world"
+               ) -> dict[str, float]:
+  """Writes the synthetic records; returns a summary. `model`: a training/runs.py LoadedModel
+  (scripts/generate.py `load_decoder`)."""
   if mode not in MODES or record_format not in RECORD_FORMATS:
     raise ValueError(f"mode must be one of {MODES} and format one of {RECORD_FORMATS}")
   if chat_template == "none":
     raise ValueError("synthesis renders conversations: use --chat_template default or chatml")
-  reward_fn = rewards.get_reward_function(reward)
-  scorer = (rewards.RewardModelScorer(reward_model, model.mesh, model.rules) if reward_model
-            else None)
+  reward_fn = get_reward_function(reward, get_answer_checker(answer_checker,
+                                                             key="--answer_checker"))
+  scorer = (rewards.RewardModelScorer.from_run(reward_model, model.mesh, model.rules)
+            if reward_model else None)
   if reward_fn is None and scorer is None:
     raise ValueError("set --reward and / or --reward_model")
   tok, stops = model.tokenizer, stop_tokens(model.tokenizer, chat_template)
   records = list(read_prompts(prompts_path, chat_template))
   rng = jax.random.PRNGKey(seed)
+  sampler = Sampler(model.spec, model.mesh, model.rules)
   totals = dict(prompts=0, samples=0, score=0.0, passed=0, records=0)
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   with open(output_path, "w", encoding="utf-8") as out:
@@ -131,11 +137,10 @@ def synthesize(model, prompts_path: str, output_path: str, *, mode: str = "sft",
       batch = records[start:start + batch_size]
       ids = [prompt_tokens(tok, r["context"], chat_template) for r in batch]
       rows_ids = [p for p in ids for _ in range(samples)]
-      result = generate(model.spec, model.params, rows_ids, max_new_tokens=max_new_tokens,
-                        eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stops,
-                        temperature=temperature, top_k=top_k, top_p=top_p,
-                        rng=jax.random.fold_in(rng, start), mesh=model.mesh,
-                        rules=model.rules)
+      result = sampler.generate(model.params, rows_ids, max_new_tokens=max_new_tokens,
+                                eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stops,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                rng=jax.random.fold_in(rng, start))
       replies, stopped = [], []
       for row, n in zip(result.tokens, result.lengths):
         ids_row = row[:n].tolist()
@@ -149,7 +154,7 @@ def synthesize(model, prompts_path: str, output_path: str, *, mode: str = "sft",
         length = PROMPT_BUCKET * math.ceil(max(map(len, rows_ids)) / PROMPT_BUCKET)
         padded, lengths = left_pad(rows_ids, length, tok.pad_id)
         rows = build_rows(padded, lengths, result.tokens, result.mask)
-        scores = scores + _score_padded(scorer, rows, model, to_global, to_host)
+        scores = scores + _score_padded(scorer, rows, model)
       for i, record in enumerate(batch):
         part = slice(i * samples, (i + 1) * samples)
         context = record["context"]
@@ -171,11 +176,9 @@ def synthesize(model, prompts_path: str, output_path: str, *, mode: str = "sft",
           "records": totals["records"]}
 
 
-def _score_padded(scorer, rows, model, to_global, to_host):
+def _score_padded(scorer, rows, model):
   """Reward-model scores of `rows`, the batch filled up (copies of row 0) to split evenly
   over the mesh."""
-  import numpy as np
-  from training.rl.rollout import batch_shards
   n = len(rows["tokens"])
   fill = -n % batch_shards(model.mesh, model.rules)
   padded = {k: np.concatenate([v, np.repeat(v[:1], fill, axis=0)]) for k, v in rows.items()}
@@ -189,15 +192,14 @@ def main(argv):
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
   logging.set_verbosity(logging.INFO)
-  from scripts.generate import load_model
   summary = synthesize(
-      load_model(FLAGS.workdir), FLAGS.prompts, FLAGS.output, mode=FLAGS.mode,
+      load_decoder(FLAGS.workdir), FLAGS.prompts, FLAGS.output, mode=FLAGS.mode,
       record_format=FLAGS.format, samples=FLAGS.samples, reward=FLAGS.reward,
       reward_model=FLAGS.reward_model, missing_stop_penalty=FLAGS.missing_stop_penalty,
       threshold=FLAGS.threshold, keep=FLAGS.keep, min_margin=FLAGS.min_margin,
       max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
       top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-      chat_template=FLAGS.chat_template)
+      chat_template=FLAGS.chat_template, answer_checker=FLAGS.answer_checker)
   print(json.dumps(summary))
 
 

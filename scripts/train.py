@@ -12,6 +12,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs.cli import parse_flags
+from training.metrics import quiet_library_logs
+from training.run import run_stage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",
                                           lock_config=True)
@@ -23,8 +25,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  from training.metrics import quiet_library_logs  # after flags: keeps --help fast
-  from training.run import run_stage
   quiet_library_logs()
   final = run_stage(_CONFIG.value, _WORKDIR.value)
   logging.info("final: %s", {k: round(v, 4) for k, v in final.items()})

@@ -5,8 +5,11 @@ Files of a run in `workdir`:
     {workdir}/metrics.jsonl     one `{"step": step, "tag": value, ...}` line per `write` call,
                                 appended across restarts; read it with `read_metrics`
     {workdir}/tensorboard/      TensorBoard event files (scalars under the same tags)
-    {workdir}/config.json       the nested config of the run (`write_hparams`; reload it with
-                                configs.cli.load_run_config)
+    {workdir}/config.json       the nested config of the run and its model kind
+                                (`write_hparams`; reload it with configs/run_layout.py
+                                `read_run_config`)
+
+The layout of the whole run directory is configs/run_layout.py's.
 """
 
 from __future__ import annotations
@@ -14,18 +17,16 @@ from __future__ import annotations
 import collections.abc
 import json
 import logging
-import math
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-TENSORBOARD_DIR = "tensorboard"
+from configs.run_layout import METRICS_FILE, TENSORBOARD_DIR, write_run_config
+
 
 
 def _to_float(value: Any) -> float:
@@ -105,21 +106,20 @@ class MetricsWriter:
       self._tb.add_scalar(tag, value, global_step=int(step))
     self._tb.flush()
 
-  def write_hparams(self, config: Mapping[str, Any]) -> None:
-    """Writes the config to `{workdir}/config.json` (nested, reloadable) and, flattened, as
-    TensorBoard text.
+  def write_hparams(self, config: Mapping[str, Any], model_kind: str = "decoder") -> None:
+    """Writes the config to `{workdir}/config.json` (nested, reloadable, with the model kind
+    the run's checkpoints hold) and, flattened, as TensorBoard text.
 
     Args:
       config: nested mapping or `ml_collections.ConfigDict`.
+      model_kind: decoder | encoder | reward (configs/run_layout.py).
     """
     if not self.enabled:
       return
     if hasattr(config, "to_dict"):
       config = config.to_dict()
     flat = flatten_dict(config)
-    with open(os.path.join(self.workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-      f.write("\n")
+    write_run_config(self.workdir, config, model_kind)
     rows = [f"| `{key}` | `{json.dumps(flat[key])}` |" for key in sorted(flat)]
     self._tb.add_text("config", "\n".join(["| key | value |", "|---|---|", *rows]))
     self._tb.flush()

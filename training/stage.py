@@ -1,4 +1,4 @@
-"""Stages: which data, which forward passes and which objective make up one pipeline stage.
+"""The stage interface: which data, which forward passes and which objective make one stage.
 
 A `Stage` bundles:
   loss_fn(model, batch, rng, objective_config, frozen) -> (per-token or per-example values,
@@ -7,7 +7,9 @@ A `Stage` bundles:
   make_dataset(config, tokenizer, *, split, batch_size, shard_index, shard_count, seed,
       num_epochs, workdir) -> a grain dataset of packed batches for this host.
   frozen_models(config) -> {name: FrozenModel} to load once from a checkpoint, never train.
-  evaluate(context) -> extra held-out metrics at eval steps (e.g. greedy-generation accuracy).
+  make_evaluator(EvalContext) -> an evaluator, built once per run: `evaluator(params)` returns
+      extra held-out metrics at eval steps (e.g. greedy-generation accuracy). It owns whatever
+      it compiles or reads once (jitted functions, held-out prompts, a run's init params).
   prepare(config, tokenizer, *, mesh, rules, workdir) -> None: one-off work before any data is
       read (e.g. DPO's pass of the reference model over the data, cached in the workdir).
   train(config, workdir) -> final metrics: a loop of its own instead of training/loop.py's
@@ -15,7 +17,8 @@ A `Stage` bundles:
 The objectives themselves (objectives/) never see a model: the stage's loss_fn is the small
 adapter that runs the forward passes and hands arrays to the objective.
 
-Stage modules register themselves in STAGES below, keyed by `config.objective.name`.
+The stages live in training/stages/ (and training/rl/); training/registry.py finds them by
+`config.objective.name`. This module imports no stage, so every stage can import it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from objectives.reductions import Metrics
 Batch = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch, jax.Array, ml_collections.ConfigDict,
                    Mapping[str, nnx.Module]], tuple[jax.Array, Metrics]]
+# evaluator(params) -> {tag: value} of held-out figures.
+Evaluator = Callable[[Any], dict[str, float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +48,17 @@ class FrozenModel:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalContext:
+  """What a stage's own held-out evaluation is built from (once per run)."""
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  spec: Any                       # the model `params` bind to (a LoRA run's merged base)
+  mesh: jax.sharding.Mesh
+  rules: Any
+  workdir: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Stage:
   name: str
   loss_fn: LossFn
@@ -50,34 +66,11 @@ class Stage:
   model_kind: str = "decoder"
   frozen_models: Callable[[ml_collections.ConfigDict], dict[str, FrozenModel]] = (
       lambda config: {})
-  evaluate: Callable[..., dict[str, float]] | None = None
+  make_evaluator: Callable[[EvalContext], Evaluator] | None = None
   prepare: Callable[..., None] | None = None
   # A loop of its own, `train(config, workdir) -> final metrics`, run by scripts/train.py
   # instead of training/loop.py's (the RL stages: sample, score, update; training/rl).
   train: Callable[..., dict[str, float]] | None = None
-
-
-def _registry() -> dict[str, Stage]:
-  from training.stages import clm
-  from training.stages import distill
-  from training.stages import dpo
-  from training.stages import mlm
-  from training.stages import reward
-  from training.stages import sft
-  from training.rl import stages as rl_stages
-  return {stage.name: stage for stage in (clm.STAGE, mlm.STAGE, distill.STAGE, sft.STAGE,
-                                          reward.STAGE, dpo.STAGE, *rl_stages.make_stages())}
-
-
-def get_stage(name: str) -> Stage:
-  stages = _registry()
-  if name not in stages:
-    raise ValueError(f"config.objective.name: unknown {name!r}; choose one of {sorted(stages)}")
-  return stages[name]
-
-
-def get_loss_fn(name: str) -> LossFn:
-  return get_stage(name).loss_fn
 
 
 def batch_tokens(batch: Mapping[str, Any]) -> int:

@@ -16,9 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from models.build import ModelSpec, Params
-from models.lora import LoraSpec
 from parallel.rules import Rules, tree_shardings
-from training.checkpoint import Checkpointer
 
 TrainState = dict[str, Any]
 
@@ -94,18 +92,3 @@ def create_train_state(spec: ModelSpec, optimizer: optax.GradientTransformation,
   """Returns (state, shardings) of a fresh state."""
   abstract = abstract_train_state(spec, optimizer, mesh, rules)
   return init_train_state(spec, optimizer, abstract, seed), shardings_of(abstract)
-
-
-def load_lora_base(spec: LoraSpec, path: str, mesh: Mesh, rules: Rules
-                   ) -> tuple[Params, Params]:
-  """(params, shardings) of a LoRA run's frozen base, restored sharded from `path` (the run's
-  `config.init_from`). The train state holds only the adapters (and heads), so the base has
-  no optimizer state and is never saved again; the step gets it as `frozen_params[LORA_BASE]`
-  (training/step.py), and a frozen reference from the same checkpoint can share its arrays."""
-  if not path:
-    raise ValueError("config.lora.enabled needs config.init_from: the base model to adapt")
-  shapes = spec.base_shapes
-  shardings = tree_shardings(spec.base_logical_axes, shapes, mesh, rules)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        shapes, shardings)
-  return Checkpointer.restore_params(path, target), shardings

@@ -7,7 +7,6 @@ the update equals that of one large batch exactly (not a mean of per-micro-batch
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -20,11 +19,11 @@ from models.build import ModelSpec
 from models.lora import LoraSpec
 from objectives.reductions import Metrics, add_metrics
 from parallel.rules import Rules, batch_sharding, constrain, use_mesh_rules
-from training.stages import LossFn
+from training.stage import LossFn
 from training.state import TrainState
 
 
-# frozen_params key of a LoRA run's frozen base model (training/state.py `load_lora_base`).
+# frozen_params key of a LoRA run's frozen base model (training/setup.py `load_frozen`).
 LORA_BASE = "lora_base"
 # Folded into the step's RNG for the adapter dropout, independent of the stage's own draws.
 _LORA_SALT = 0x10A

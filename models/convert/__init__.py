@@ -1,15 +1,14 @@
-"""Hugging Face checkpoints in and out (Llama, Qwen2, Mistral, GPT-2; reward heads; BERT MLM).
+"""Hugging Face checkpoints <-> our params (Llama, Qwen2, Mistral, GPT-2; reward heads; BERT MLM).
 
-  import_hf(hf_dir, out_dir)   HF folder -> run directory (config.json + orbax params) that
-                               any stage starts from with --config.init_from=out_dir
-  export_hf(run_dir, hf_dir)   run directory -> config.json + safetensors for `transformers`
+  hf_import.py        HF config.json -> our `config.model` (`model_config_from_hf`); HF tensors
+                      -> our params, sharded or not (`convert_hf_params`)
+  hf_export.py        our params, one at a time -> config.json + safetensors for `transformers`
+                      (`write_hf`)
+  families.py         config and tensor-name tables per family
+  heads.py            scalar heads (reward / value, `*ForSequenceClassification`)
+  layout.py           our param paths and layouts
+  safetensors_io.py   streaming safetensors shards, numpy only
 
-Modules: families.py (config and tensor-name tables per family), heads.py (scalar heads),
-layout.py (our param paths and layouts), safetensors_io.py (streaming shards, numpy only),
-hf_import.py, hf_export.py. The command line is scripts/convert.py.
+Run directories in and out (a checkpoint, config.json, the tokenizer) are training/hf_runs.py's
+`import_hf` / `export_hf`; the command line is scripts/convert.py.
 """
-
-from models.convert.hf_export import export_hf
-from models.convert.hf_import import import_hf, model_config_from_hf
-
-__all__ = ["export_hf", "import_hf", "model_config_from_hf"]

@@ -1,4 +1,5 @@
-"""Hugging Face folder -> this codebase's run directory (config.json + orbax checkpoint).
+"""Hugging Face folder -> our model config and params (training/hf_runs.py `import_hf` writes
+them as a run directory).
 
 Streaming: the HF shards are memory-mapped and read one tensor at a time, in our params' order.
 A per-layer param of a scanned model is filled layer by layer into one host buffer. Without a
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -21,15 +21,12 @@ import numpy as np
 from absl import logging
 
 import models  # noqa: F401  (flax variable-sharding mode)
-from configs.base import base_config
-from configs.models import _base as base_model_config
+from configs.models import base_model_config
 from models.build import build_model_spec
 from models.convert import heads, layout
 from models.convert.families import Family, family_for_hf
 from models.convert.safetensors_io import HFReader
 from parallel.rules import tree_shardings
-from training.checkpoint import Checkpointer, checkpoint_dir
-from training.metrics import CONFIG_FILE
 
 # Tokenizer files copied from the HF folder into `{out}/tokenizer/` (data/tokenizer.py
 # `load_tokenizer` reads that folder).
@@ -161,68 +158,3 @@ def convert_hf_params(hf_dir: str, model_cfg: ml_collections.ConfigDict, family:
     raise ValueError(f"params not filled by the {family.name} table: {sorted(expected - got)}; "
                      f"unexpected: {sorted(got - expected)}")
   return params
-
-
-def save_params(out_dir: str, params: dict) -> str:
-  """Writes `{"params": params}` as step 0 of `{out_dir}/checkpoints`, as a run would."""
-  with Checkpointer(checkpoint_dir(out_dir), max_to_keep=1, save_every=0,
-                    async_save=False) as ckpt:
-    ckpt.save(0, {"params": params}, force=True)
-  return os.path.join(checkpoint_dir(out_dir), "0")
-
-
-def write_run_config(out_dir: str, model_cfg: ml_collections.ConfigDict, kind: str,
-                     tokenizer: str) -> None:
-  """`{out_dir}/config.json`: a full config (as a training run writes one) with this model."""
-  config = base_config()
-  config.stage = f"convert:{kind}"
-  config.model = model_cfg
-  config.data.tokenizer = tokenizer
-  with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-    f.write("\n")
-
-
-def copy_tokenizer(hf_dir: str, out_dir: str) -> str:
-  """Copies the HF folder's tokenizer files into `{out_dir}/tokenizer/`; '' if it has none."""
-  files = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, f))]
-  if not any(f in files for f in ("tokenizer.json", "tokenizer.model")):
-    return ""
-  target = os.path.join(out_dir, "tokenizer")
-  os.makedirs(target, exist_ok=True)
-  for f in files:
-    shutil.copyfile(os.path.join(hf_dir, f), os.path.join(target, f))
-  return target
-
-
-def import_hf(hf_dir: str, out_dir: str, *, kind: str | None = None,
-              param_dtype: str = "float32", scan_layers: bool = True,
-              mesh: jax.sharding.Mesh | None = None, rules: Any = None
-              ) -> ml_collections.ConfigDict:
-  """Converts a local HF model folder into a run directory stages start from.
-
-  Args:
-    hf_dir: folder with config.json and model.safetensors (or shards + index).
-    out_dir: written: `config.json`, `checkpoints/0/` (params), `tokenizer/` when present.
-    kind: our model kind; None picks "reward" for a `*ForSequenceClassification` with one
-      label and "decoder" otherwise.
-    param_dtype: stored dtype of the params (training restores into its own dtype).
-    scan_layers: layout of the block params (must match the stage's `config.model`).
-    mesh, rules: write the params sharded for this mesh (None: one device).
-
-  Returns:
-    The `config.model` of the converted model.
-  """
-  hf_config = read_hf_config(hf_dir)
-  family = family_for_hf(hf_config)
-  kind = kind or heads.kind_of_hf(hf_config, family.kind)
-  check_kind(family, kind)
-  model_cfg = model_config_from_hf(hf_config, param_dtype=param_dtype, scan_layers=scan_layers)
-  os.makedirs(out_dir, exist_ok=True)
-  params = convert_hf_params(hf_dir, model_cfg, family, kind=kind, mesh=mesh, rules=rules)
-  save_params(out_dir, params)
-  del params
-  tokenizer = copy_tokenizer(hf_dir, out_dir)
-  write_run_config(out_dir, model_cfg, kind, tokenizer)
-  logging.info("converted %s (%s, kind %s) into %s", hf_dir, family.name, kind, out_dir)
-  return model_cfg

@@ -15,10 +15,10 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from configs.run_layout import read_run_config
 from models.build import build_model_spec
-from models.convert import export_hf, import_hf
-from models.convert.hf_export import load_run_config
 from tests.models import hf_parity as hp
+from training.hf_runs import export_hf, import_hf
 
 # The tiny world's tokenizer size (tests/training), so the stage test below can train on it.
 VOCAB = 384
@@ -182,7 +182,7 @@ def test_mlm_stage_starts_from_the_conversion(converted, tmp_path):
   from training.loop import train_and_evaluate
   root, _, _, _, params = converted
   config = mlm.get_config("tiny")
-  config.model = load_run_config(str(root / "ours")).model
+  config.model = read_run_config(str(root / "ours")).model
   config.init_from = str(root / "ours")
   config.data.update(dict(tiny_world_train_docs=300, tiny_world_eval_docs=30, seq_len=32,
                           global_batch_size=8, tokenizer_vocab_size=VOCAB))

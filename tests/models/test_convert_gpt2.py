@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-from models.convert import export_hf, import_hf
 from tests.models import hf_parity as hp
+from training.hf_runs import export_hf, import_hf
 
 VOCAB = 80
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import transformers
 
-from models.convert import export_hf, import_hf
 from models.convert.families import FAMILIES
 from models.convert.hf_import import convert_hf_params
 from models.convert.safetensors_io import INDEX_FILE, HFReader
@@ -16,6 +15,7 @@ from parallel.mesh import make_mesh
 from parallel.rules import get_rules
 from configs.base import base_config
 from tests.models import hf_parity as hp
+from training.hf_runs import export_hf, import_hf
 
 VOCAB = 96
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,

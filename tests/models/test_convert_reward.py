@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import transformers
 
-from models.convert import export_hf, import_hf
 from tests.models import hf_parity as hp
+from training.hf_runs import export_hf, import_hf
 
 VOCAB = 64
 

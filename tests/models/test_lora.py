@@ -2,6 +2,7 @@
 step changes only the adapters, the reference shares the frozen base, and a LoRA run exports
 merged to Hugging Face with logit parity."""
 
+import dataclasses
 import os
 
 import jax
@@ -15,16 +16,22 @@ from flax import nnx
 import models  # noqa: F401
 from configs import pretrain
 from models.build import build_model_spec
-from models.convert import export_hf
-from models.convert.hf_import import save_params, write_run_config
+from configs.run_layout import write_run_config
 from models.lora import lora_delta, make_lora_spec, parse_targets
 from objectives.reductions import finalize_metrics
 from parallel.mesh import make_mesh
 from parallel.rules import get_rules
+from scripts.evaluate import evaluate_run
 from tests.models import hf_parity as hp
+from training.checkpoint import Checkpointer
+from training.hf_runs import export_hf, save_params
+from training.loop import train_and_evaluate
 from training.optimizer import make_optimizer
-from training.stages import FrozenModel, get_loss_fn
-from training.state import create_train_state, load_lora_base
+from training.registry import get_loss_fn, get_stage
+from training.runs import load_model, load_params
+from training.setup import build_setup
+from training.stage import FrozenModel
+from training.state import create_train_state
 from training.step import LORA_BASE, make_train_step
 
 
@@ -151,7 +158,9 @@ def test_train_step_changes_only_adapters(setup, tmp_path):
   save_params(str(tmp_path), base)
   mesh = make_mesh(config.mesh, jax.devices()[:1])
   rules = get_rules(config.mesh.rules)
-  base_params, base_shardings = load_lora_base(spec, str(tmp_path), mesh, rules)
+  base_params = load_params(str(tmp_path), base_spec, mesh, rules, shapes=spec.base_shapes,
+                            logical_axes=spec.base_logical_axes)
+  base_shardings = jax.tree.map(lambda a: a.sharding, base_params)
   optimizer, schedule = make_optimizer(config.optimizer, 10)
   state, shardings = create_train_state(spec, optimizer, mesh, rules, seed=0)
   before = jax.device_get(state["params"])
@@ -180,24 +189,23 @@ def _at(tree, path):
 
 
 def test_reference_shares_the_frozen_base(setup, tmp_path):
-  from training.loop import load_frozen_models
   config, _, spec, base, _ = setup
   save_params(str(tmp_path), base)
+  config = config.copy_and_resolve_references()
   config.init_from = str(tmp_path)
-  mesh = make_mesh(config.mesh, jax.devices()[:1])
-  rules = get_rules(config.mesh.rules)
-  lora_base = load_lora_base(spec, str(tmp_path), mesh, rules)
-  stage = type("Stage", (), {"frozen_models": staticmethod(
-      lambda c: {"reference": FrozenModel(c.model, os.path.join(str(tmp_path), "checkpoints"))})})
-  specs, params, _ = load_frozen_models(stage, config, mesh, rules, lora_base)
-  assert params["reference"] is params[LORA_BASE] is lora_base[0]
-  assert set(specs) == {"reference"}
+  stage = dataclasses.replace(get_stage("clm"), frozen_models=lambda c: {
+      "reference": FrozenModel(c.model, os.path.join(str(tmp_path), "checkpoints"))})
+  run = build_setup(config, stage, devices=jax.devices()[:1])
+  frozen = run.load_frozen()
+  assert frozen.params["reference"] is frozen.params[LORA_BASE]
+  assert set(frozen.specs) == {"reference"}
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               frozen.params[LORA_BASE], {k: base[k] for k in spec.base_shapes})
 
 
 def test_lora_run_trains_adapters_and_exports_merged(tmp_path):
   """A 3-step LoRA pretraining run from a base checkpoint; exported merged to HF Llama, its
   logits equal the adapted model's."""
-  from training.loop import train_and_evaluate
   config = tiny_model(vocab=384)
   config.data.update(dict(tiny_world_train_docs=300, tiny_world_eval_docs=20, seq_len=32,
                           global_batch_size=4, tokenizer_vocab_size=384))
@@ -209,16 +217,27 @@ def test_lora_run_trains_adapters_and_exports_merged(tmp_path):
   base = jax.jit(base_spec.init)(jax.random.PRNGKey(5))
   base_dir = str(tmp_path / "base")
   save_params(base_dir, base)
-  write_run_config(base_dir, config.model, "decoder", "")
+  base_config = config.copy_and_resolve_references()
+  base_config.lora.enabled = False
+  write_run_config(base_dir, base_config, "decoder")
   config.init_from = base_dir
   final = train_and_evaluate(config, str(tmp_path / "run"))
   assert np.isfinite(final["eval/loss"])
   spec = make_lora_spec(base_spec, config.lora)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  from training.checkpoint import Checkpointer
   adapters = Checkpointer.restore_params(str(tmp_path / "run"), jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), spec.shapes))
   assert float(np.abs(np.asarray(adapters["blocks"]["layers"]["attn"]["q"]["b"])).max()) > 0
+  # Loaded as the model it trained (training/runs.py): the adapters merged onto the base.
+  loaded = load_model(str(tmp_path / "run"), mesh=make_mesh(config.mesh),
+                      rules=get_rules(config.mesh.rules), with_tokenizer=False)
+  assert loaded.kind == "decoder" and loaded.spec.shapes.keys() == base.keys()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+               loaded.params, spec.merge(base, adapters))
+  # scripts.evaluate on the LoRA run (its checkpoint holds adapters only): its last eval.
+  figures = evaluate_run(str(tmp_path / "run"), max_batches=config.train.eval_steps)
+  assert figures["eval/loss"] == pytest.approx(final["eval/loss"], abs=1e-5)
+  assert figures["eval/accuracy"] == pytest.approx(final["eval/accuracy"], abs=1e-6)
   export_hf(str(tmp_path / "run"), str(tmp_path / "hf"))
   hf_model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
   tokens, mask, positions = hp.padded_batch(384)

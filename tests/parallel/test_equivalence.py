@@ -17,7 +17,7 @@ from objectives.reductions import finalize_metrics
 from parallel.mesh import make_mesh
 from parallel.rules import get_rules
 from training.optimizer import make_optimizer
-from training.stages import get_loss_fn
+from training.registry import get_loss_fn
 from training.state import abstract_train_state, create_train_state, shardings_of
 from training.step import make_train_step
 

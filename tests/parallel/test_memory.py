@@ -43,7 +43,7 @@ def random_batches(n=3, batch=8, length=64, vocab=64):
 def run_variant(remat, scan, initial):
   """Losses of three steps from the scanned model's `initial` state, and compiled memory."""
   config = variant_config(remat, scan)
-  lowered, info = lower_train_step(config, jax.devices()[:1])
+  lowered, setup = lower_train_step(config, jax.devices()[:1])
   compiled = lowered.compile()
   state = initial
   if not scan:
@@ -55,7 +55,7 @@ def run_variant(remat, scan, initial):
     is_model_tree = lambda x: isinstance(x, dict) and "blocks" in x
     state = jax.tree.map(lambda x: unstack(x) if is_model_tree(x) else x, initial,
                          is_leaf=is_model_tree)
-  state = jax.device_put(state, jax.tree.map(lambda a: a.sharding, info["abstract_state"]))
+  state = jax.device_put(state, jax.tree.map(lambda a: a.sharding, setup.abstract_state))
   losses = []
   for batch in random_batches():
     state, metrics = compiled(state, batch, {})
@@ -65,9 +65,9 @@ def run_variant(remat, scan, initial):
 
 @pytest.fixture(scope="module")
 def results():
-  _, info = lower_train_step(variant_config("none", True), jax.devices()[:1])
-  initial = jax.device_get(init_train_state(info["spec"], info["optimizer"],
-                                            info["abstract_state"], seed=0))
+  _, setup = lower_train_step(variant_config("none", True), jax.devices()[:1])
+  initial = jax.device_get(init_train_state(setup.spec, setup.optimizer,
+                                            setup.abstract_state, seed=0))
   return {variant: run_variant(*variant, initial) for variant in VARIANTS}
 
 

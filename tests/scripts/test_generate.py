@@ -19,7 +19,7 @@ from data.tokenizer import Tokenizer, train_sentencepiece
 from models.build import build_model_spec
 from models.sampler import generate
 from scripts.chat import ChatSession, chat
-from scripts.generate import completion_text, generate_file, load_model
+from scripts.generate import completion_text, generate_file, load_decoder
 from training.checkpoint import Checkpointer, checkpoint_dir
 
 MAX_NEW = 12
@@ -48,7 +48,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(run_dir):
-  return load_model(run_dir)
+  return load_decoder(run_dir)
 
 
 @pytest.fixture(scope="module")

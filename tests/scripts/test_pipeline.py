@@ -38,14 +38,14 @@ def test_unknown_stage_and_key_are_errors():
 def test_a_run_of_some_stages_keeps_the_others_figures(tmp_path, monkeypatch):
   import json
   import os
-  import training.run
+  import scripts.pipeline
   from scripts.pipeline import run_pipeline
 
   def fake_run_stage(config, workdir):  # stands in for training: logs one held-out figure
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "metrics.jsonl"), "w", encoding="utf-8") as f:
       f.write(json.dumps({"step": 3, "eval/loss": 1.5, "train/loss": 2.0}) + "\n")
-  monkeypatch.setattr(training.run, "run_stage", fake_run_stage)
+  monkeypatch.setattr(scripts.pipeline, "run_stage", fake_run_stage)
   (tmp_path / "summary.json").write_text(json.dumps(
       {"pretrain": {"eval/loss": 0.3}, "sft": {"eval/loss": 9.0}}))
   summary = run_pipeline(str(tmp_path), ["sft", "dpo"])

@@ -14,7 +14,7 @@ from data import tiny_tasks, tiny_world
 from data.conversation import Turn, parse_preferences, parse_sft
 from data.tokenizer import train_sentencepiece
 from models.build import build_model_spec
-from scripts.generate import load_model
+from scripts.generate import load_decoder
 from scripts.synthesize import select_records, synthesize
 from training.checkpoint import Checkpointer, checkpoint_dir
 
@@ -83,7 +83,7 @@ def run_dirs(tmp_path_factory):
 
 def test_synthesize_end_to_end(run_dirs, tmp_path):
   runs, prompts = run_dirs
-  model = load_model(runs["sft"])
+  model = load_decoder(runs["sft"])
   kw = dict(samples=2, max_new_tokens=6, batch_size=4, seed=3)
   sft_out = str(tmp_path / "sft.jsonl")
   # Random weights never answer right; a threshold below every score keeps each prompt's best.

@@ -99,7 +99,8 @@ def test_tensorboard_scalars_and_config(tmp_path):
            if v.tag.startswith("config")]
   assert texts and "| `optimizer.lr` | `0.0003` |" in texts[0]
   with open(os.path.join(workdir, "config.json")) as f:
-    assert json.load(f) == {"optimizer": {"b": [0.9, 0.95], "lr": 3e-4}, "stage": "sft"}
+    assert json.load(f) == {"optimizer": {"b": [0.9, 0.95], "lr": 3e-4}, "stage": "sft",
+                            "model_kind": "decoder"}
 
 
 def test_disabled_writer_writes_nothing(tmp_path):

@@ -16,12 +16,15 @@ from data import tiny_world
 from data.tokenizer import train_sentencepiece
 from models.build import build_model_spec
 from training.checkpoint import Checkpointer
-from training.metrics import CONFIG_FILE, read_metrics
+from configs.run_layout import CONFIG_FILE
+from training.metrics import read_metrics
 from data.pipeline import resolve_tokenizer
+from data.prompts import fit_prompt, load_prompts
 from training.rl.evaluation import Evaluator
 from training.rl.loop import RLTrainer, minibatch_plan, train_rl
-from training.rl.rollout import build_rows, fit_prompt, load_prompts, prompt_batch
-from training.stages import get_stage
+from training.rl.rollout import build_rows, prompt_batch
+from training.registry import get_stage
+from scripts.evaluate import evaluate_run
 
 VOCAB = 384
 SMALL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
@@ -139,6 +142,16 @@ def test_rl_checkpoint_loads_as_a_decoder_and_the_stage_is_registered(runs, ppo_
     assert get_stage(name).train is not None and get_stage(name).model_kind == "decoder"
 
 
+def test_evaluate_script_reproduces_an_rl_runs_last_evaluation(ppo_run):
+  """`scripts.evaluate` on an RL run: its held-out rollouts of the latest policy, the figures
+  the run's own last evaluation logged."""
+  workdir, _ = ppo_run
+  last = {k: v for k, v in read_metrics(workdir)[-1].items()
+          if k.startswith(("eval/", "eval_train/"))}
+  assert "eval/reward" in last and "eval_train/sampled_reward" in last
+  assert evaluate_run(workdir) == pytest.approx(last, abs=1e-6)
+
+
 def test_ppo_resume_equals_uninterrupted(ppo_setup, ppo_run, tmp_path):
   config, trainer = ppo_setup
   workdir = str(tmp_path / "resumed")
@@ -216,7 +229,7 @@ def test_rows_layout_prompt_batches_and_minibatch_plan():
 
 def test_benchmark_ppo_splits_an_iteration():
   # No run directory: random prompts, no tokenizer.
-  from training.rl.bench import benchmark_ppo, format_ppo, ppo_flops
+  from scripts.benchmarks.ppo import benchmark_ppo, format_ppo, ppo_flops
   config = ppo_config.get_config("bench")
   config.model.update(SMALL)
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))

@@ -22,7 +22,7 @@ from training.checkpoint import Checkpointer
 from training.loop import train_and_evaluate
 from training.metrics import read_metrics
 from training.stages import dpo as dpo_stage
-from training.stages import get_stage
+from training.registry import get_stage
 from training.stages import reward as reward_stage
 from training.stages.reference_cache import ReferenceCache, pair_log_probs
 

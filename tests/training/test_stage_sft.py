@@ -12,14 +12,16 @@ from configs import sft as sft_config
 from data import chat_template
 from data import tiny_tasks
 from data import tiny_world
+from data import verifiers
 from data.conversation import Turn
 from data.tokenizer import Tokenizer, train_sentencepiece
 from models.build import build_model_spec
 from models.sampler import SampleOutput
 from training.checkpoint import Checkpointer
-from training.loop import EvalContext, train_and_evaluate
+from training.loop import train_and_evaluate
 from training.metrics import read_metrics
-from training.stages import get_stage
+from training.registry import get_stage
+from training.stage import EvalContext
 from training.stages import sft as sft_stage
 
 VOCAB = 384
@@ -85,9 +87,9 @@ def test_sft_run_end_to_end(base_run, sft_run):
   assert max(moved) < 0.07
 
 
-def _context(config, params=None, tok=None):
+def _context(config, tok=None):
   spec = build_model_spec(config.model)
-  return EvalContext(config, tok, spec, params, None, None, "")
+  return EvalContext(config, tok, spec, None, None, "")
 
 
 def test_evaluate_scores_replies_of_a_stand_in_sampler(base_run):
@@ -101,8 +103,8 @@ def test_evaluate_scores_replies_of_a_stand_in_sampler(base_run):
   assert all(it.context[0].content in validation for it in items)
   calls = []
 
-  def fake_generate(spec, params, prompts, *, max_new_tokens, eos_id, pad_id, stop_ids,
-                    temperature, mesh, rules):
+  def fake_generate(params, prompts, *, max_new_tokens, eos_id, pad_id, stop_ids,
+                    temperature):
     calls.append(dict(prompts=prompts, eos_id=eos_id, stop_ids=stop_ids,
                       temperature=temperature))
     rows = np.full((len(prompts), max_new_tokens), pad_id, np.int32)
@@ -115,7 +117,8 @@ def test_evaluate_scores_replies_of_a_stand_in_sampler(base_run):
                         (rows != pad_id).astype(np.float32), lengths)
 
   config.eval.max_new_tokens = 40
-  metrics = sft_stage.evaluate(_context(config, tok=tok), generate=fake_generate)
+  evaluator = sft_stage.GenerationEvaluator(_context(config, tok=tok), generate=fake_generate)
+  metrics = evaluator(None)
   assert metrics == {"eval/answer_accuracy": 0.5, "eval/exact_match": 0.5,
                      "eval/stop_rate": 0.5}
   [call] = calls
@@ -138,14 +141,15 @@ def test_held_out_prompts_from_files(base_run, tmp_path):
   [item] = sft_stage.held_out_prompts(config)
   assert item.reference == "A grower." and item.answer is None
   assert [t.role for t in item.context] == ["system", "user", "assistant", "user"]
-  assert sft_stage.score_replies([" A  grower. "], [True], [item]) == {
+  check = verifiers.get_answer_checker(config.data.answer_checker)
+  assert sft_stage.score_replies([" A  grower. "], [True], [item], check) == {
       "eval/exact_match": 1.0, "eval/stop_rate": 1.0}
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text(json.dumps({"prompt": "What is 6 times 7?", "answer": "42"}) + "\n")
   config.eval.prompt_files = str(prompts)
   [item] = sft_stage.held_out_prompts(config)
   assert item == sft_stage.HeldOut((Turn("user", "What is 6 times 7?"),), "42", None)
-  assert sft_stage.score_replies(["It is 42."], [False], [item]) == {
+  assert sft_stage.score_replies(["It is 42."], [False], [item], check) == {
       "eval/answer_accuracy": 1.0, "eval/stop_rate": 0.0}
 
 
@@ -156,4 +160,4 @@ def test_evaluate_checkpoint_with_the_real_sampler(base_run, sft_run):
   final = sft_run[1]
   for key in ("eval/answer_accuracy", "eval/exact_match", "eval/stop_rate"):
     assert metrics[key] == pytest.approx(final[key])  # same params, same greedy replies
-  assert get_stage("sft").evaluate is sft_stage.evaluate
+  assert get_stage("sft").make_evaluator is sft_stage.GenerationEvaluator

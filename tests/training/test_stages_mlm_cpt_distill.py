@@ -13,7 +13,7 @@ import pytest
 from configs import cpt, distill, mlm, pretrain
 from training.loop import train_and_evaluate
 from training.metrics import read_metrics
-from training.stages import get_stage
+from training.registry import get_stage
 
 VOCAB = 384
 

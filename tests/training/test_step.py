@@ -11,7 +11,7 @@ from objectives.reductions import finalize_metrics
 from parallel.mesh import make_mesh
 from parallel.rules import get_rules
 from training.optimizer import decay_mask, learning_rate_schedule, make_optimizer
-from training.stages import get_loss_fn
+from training.registry import get_loss_fn
 from training.state import create_train_state
 from training.step import make_train_step
 

@@ -3,7 +3,7 @@
     rollout (training/rl/rollout.py) --make_batch--> training arrays + figures
             --K epochs x M minibatches of loss_fn through training/step.py--> new params
 
-  loss_fn        a stage loss (training/stages LossFn): (model, batch, rng, objective, frozen)
+  loss_fn        a stage loss (training/stage.py LossFn): (model, batch, rng, objective, frozen)
                  -> (per-token values, (sum, weight) metrics); the model is an ActorCritic
   make_batch     (rollout, config, kl_coef) -> (arrays, figures): every array has the
                  algorithm's *units* (reply rows, or preference pairs) as its first dimension
@@ -23,7 +23,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from training.stages import LossFn
+from training.stage import LossFn
 
 Arrays = dict[str, np.ndarray]
 
@@ -36,13 +36,3 @@ class Algorithm:
   value_source: Callable[[ml_collections.ConfigDict], str] = lambda config: "none"
   next_kl_coef: Callable[..., float] | None = None
   units: str = "rows"
-
-
-def get_algorithm(name: str) -> Algorithm:
-  """The algorithm of `config.objective.name` (ppo | grpo | rloo | online_dpo)."""
-  from training.rl import grpo, online_dpo, ppo
-  algorithms = {a.name: a for a in (ppo.ALGORITHM, grpo.GRPO, grpo.RLOO, online_dpo.ALGORITHM)}
-  if name not in algorithms:
-    raise ValueError(f"config.objective.name: {name!r} is not an RL algorithm "
-                     f"({' | '.join(algorithms)})")
-  return algorithms[name]

@@ -30,26 +30,25 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import models  # noqa: F401  (sets flax's variable-sharding mode before any module is built)
 from data.pipeline import resolve_tokenizer
+from data.verifiers import get_answer_checker, get_reward_function
+from data.prompts import load_prompts
+from models.build import build_model_spec
 from models.lora import is_enabled as lora_enabled
 from models.sampler import check_length
 from objectives.reductions import add_metrics, finalize_metrics
 from parallel.distributed import maybe_initialize_distributed
-from parallel.mesh import make_mesh
-from parallel.rules import get_rules
-from training.checkpoint import Checkpointer
-from training.metrics import MetricsWriter
-from training.optimizer import make_optimizer
+from parallel.host_data import batch_shards, to_global
+from training.outer_loop import OuterLoop, StepResult, open_checkpointer, open_writer
 from training.rl import rewards
-from training.rl.algorithm import get_algorithm
+from training.rl.algorithms import get_algorithm
 from training.rl.evaluation import Evaluator
-from training.rl.policy import (InitSources, build_actor_critic_spec, restore_decoder_params,
-                                restore_initial_params)
-from training.rl.rollout import (RolloutEngine, batch_shards, chunk_indices, load_prompts,
-                                 prompt_batch, repeat_items, rollout_metrics, to_global)
-from training.state import abstract_train_state, init_train_state, shardings_of
-from training.step import make_train_step
+from training.rl.policy import InitSources, build_actor_critic_spec, restore_initial_params
+from training.rl.rollout import (RolloutEngine, chunk_indices, prompt_batch, repeat_items,
+                                 rollout_metrics)
+from training.runs import init_params, load_params
+from training.setup import build_setup
+from training.stage import Stage
 
 
 def minibatch_plan(units: int, epochs: int, minibatches: int, seed: int, iteration: int
@@ -99,26 +98,34 @@ class RLTrainer:
       raise ValueError("config.lora.enabled: the RL stages train full policies (LoRA "
                        "adapters are not wired into the rollout's sampler)")
     self.config = config
-    self.mesh, self.rules = make_mesh(config.mesh), get_rules(config.mesh.rules)
     self.algorithm = get_algorithm(config.objective.name)
     self.train_items = train_items
     rl = config.rl
+    spec = build_actor_critic_spec(config.model, self.algorithm.value_source(config))
+    stage = Stage(name=self.algorithm.name, loss_fn=self.algorithm.loss_fn, make_dataset=None)
+    # The schedule counts optimizer updates: rl.epochs x rl.minibatches per iteration.
+    self.setup = build_setup(config, stage, spec=spec,
+                             total_updates=config.train.steps * rl.epochs * rl.minibatches)
+    self.mesh, self.rules, self.spec = self.setup.mesh, self.setup.rules, spec
     _check_batch_sizes(config, self.algorithm.units, batch_shards(self.mesh, self.rules))
-    self.spec = build_actor_critic_spec(config.model, self.algorithm.value_source(config))
     # Learned position tables end at max_length: prompt + reply must fit.
     check_length(self.spec, rl.max_prompt_len,
                  max(rl.max_new_tokens, config.eval.max_new_tokens if eval_items else 0))
-    self.optimizer, schedule = make_optimizer(config.optimizer,
-                                              config.train.steps * rl.epochs * rl.minibatches)
-    self.abstract_state = abstract_train_state(self.spec, self.optimizer, self.mesh, self.rules)
-    self.shardings = shardings_of(self.abstract_state)
-    ref_spec, ref_params = restore_decoder_params(
-        config.model, config.objective.reference or config.init_from, self.mesh, self.rules)
+    ref_spec = build_model_spec(config.model, "decoder")
+    ref_path = config.objective.reference or config.init_from
+    # No reference run: random weights (benchmarks only; a training run has init_from).
+    ref_params = (load_params(ref_path, ref_spec, self.mesh, self.rules) if ref_path
+                  else init_params(ref_spec, self.mesh, self.rules, seed=2))
+    # The run's answer check (config.data.answer_checker), resolved once: rewards, rollout
+    # and evaluation answer accuracy all use it.
+    checker = get_answer_checker(config.data.answer_checker)
     if reward_model is None and config.reward.model:
-      reward_model = rewards.RewardModelScorer(config.reward.model, self.mesh, self.rules)
+      reward_model = rewards.RewardModelScorer.from_run(config.reward.model, self.mesh,
+                                                        self.rules)
     self.engine = RolloutEngine(config, self.spec, tokenizer, self.mesh, self.rules,
                                 ref_spec=ref_spec, ref_params=ref_params,
-                                reward_fn=rewards.get_reward_function(config.reward.function),
+                                reward_fn=get_reward_function(config.reward.function, checker),
+                                answer_check=checker,
                                 reward_model=reward_model)
     self.evaluator = None
     if eval_items:
@@ -135,18 +142,15 @@ class RLTrainer:
                                  samples=config.eval.samples, seed=config.seed,
                                  sampling=dict(temperature=rl.temperature, top_k=rl.top_k,
                                                top_p=rl.top_p))
-    self.train_step = make_train_step(self.spec, self.algorithm.loss_fn, self.optimizer,
-                                      schedule, config.objective, mesh=self.mesh,
-                                      rules=self.rules, shardings=self.shardings,
-                                      grad_accum_steps=config.train.grad_accum_steps)
+    self.train_step = self.setup.train_step()
 
   def fresh_state(self):
     """A new train state with the policy from `init_from` (and the critic from
     `value.init_from`, else the reward model, else `init_from`)."""
     config = self.config
-    state = init_train_state(self.spec, self.optimizer, self.abstract_state, config.seed)
+    state = self.setup.fresh_state()
     critic = config.value.init_from or config.reward.model or config.init_from
-    params = restore_initial_params(state["params"], self.abstract_state["params"],
+    params = restore_initial_params(state["params"], self.setup.abstract_state["params"],
                                     InitSources(config.init_from, critic))
     return dict(state, params=params)
 
@@ -217,7 +221,6 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str, *,
   maybe_initialize_distributed()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  is_primary = jax.process_index() == 0
 
   # --- Prompts ----------------------------------------------------------------------------
   # The run's folder keeps its tokenizer, for later stages started from it.
@@ -234,49 +237,40 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str, *,
     trainer = RLTrainer(config, tokenizer=tokenizer, train_items=train_items,
                         eval_items=eval_items)
 
-  # --- State: resumed, or fresh from init_from ------------------------------------------------
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                              max_to_keep=config.checkpoint.max_to_keep,
-                              save_every=config.checkpoint.every_steps,
-                              async_save=config.checkpoint.async_save)
+  # --- State: resumed, or fresh from init_from --------------------------------------------
+  checkpointer = open_checkpointer(config, workdir)
   if checkpointer.latest_step() is not None:
     abstract_rl = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                               sharding=a.sharding),
                                _rl_state(0, 0.0, trainer.mesh))
-    restored, _ = checkpointer.restore(None, {**trainer.abstract_state, "rl": abstract_rl})
+    restored, _ = checkpointer.restore(None, {**trainer.setup.abstract_state, "rl": abstract_rl})
     rl_state = restored.pop("rl")
     state, iteration = restored, int(rl_state["iteration"])
     kl_coef = float(rl_state["kl_coef"])
     logging.info("resumed from iteration %d", iteration)
   else:
     state, iteration, kl_coef = trainer.fresh_state(), 0, initial_kl_coef(config)
-  writer = MetricsWriter(workdir, enabled=is_primary,
-                         purge_step=iteration + 1 if iteration else None)
-  writer.write_hparams(config.to_dict())
+  writer = open_writer(config, workdir, iteration, "decoder")
 
-  # --- Loop -------------------------------------------------------------------------------
-  total = config.train.steps
-  end = total if stop_after is None else min(stop_after, total)
-  last = {}
-  if iteration == 0 and trainer.evaluator is not None:
-    last = trainer.evaluator(state["params"])  # the initial (SFT) policy: "before"
-    writer.write(0, last)
-    logging.info("%s", format_rl_progress(0, total, last))
-  while iteration < end:
+  # --- Loop (training/outer_loop.py) --------------------------------------------------------
+  def step_fn(carry, iteration):
+    state, kl_coef = carry
     state, record, kl_coef = trainer.iteration(state, iteration, kl_coef)
-    iteration += 1
-    if trainer.evaluator is not None and (iteration % config.train.eval_every == 0
-                                          or iteration == total):
-      record.update(trainer.evaluator(state["params"]))
-    checkpointer.save(iteration, {**state, "rl": _rl_state(iteration, kl_coef, trainer.mesh)})
-    last.update(record)
-    if iteration % config.train.log_every == 0 or iteration == total or "eval/reward" in record:
-      writer.write(iteration, record)
-      if is_primary:
-        logging.info("%s", format_rl_progress(iteration, total, record))
-  checkpointer.save(iteration, {**state, "rl": _rl_state(iteration, kl_coef, trainer.mesh)},
-                    force=True)
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
-  return last
+    figures = {k.removeprefix("train/"): v for k, v in record.items() if k.startswith("train/")}
+    perf = {k.removeprefix("perf/"): v for k, v in record.items() if k.startswith("perf/")}
+    return (state, kl_coef), StepResult(figures=figures, perf=perf)
+
+  def save(iteration, carry, force):
+    state, kl_coef = carry
+    checkpointer.save(iteration, {**state, "rl": _rl_state(iteration, kl_coef, trainer.mesh)},
+                      force=force)
+
+  evaluate = None
+  if trainer.evaluator is not None:
+    evaluate = lambda carry: trainer.evaluator(carry[0]["params"])
+  loop = OuterLoop(config, checkpointer, writer,
+                   progress=lambda step, total, record, last: format_rl_progress(step, total,
+                                                                                 record))
+  # The initial (SFT) policy is evaluated before the first iteration: the "before".
+  return loop.run((state, kl_coef), iteration, step_fn, save, evaluate, stop_after=stop_after,
+                  evaluate_at_start=True)

@@ -29,11 +29,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models.build import ModelSpec, Params
+from models.build import ModelSpec, Params, spec_of
 from models.decoder import Decoder
 from models.heads import RewardModel, ScalarHead
 from objectives.clm import token_log_probs
-from parallel.rules import tree_shardings
 from training.checkpoint import Checkpointer
 
 VALUE_SOURCES = ("none", "head", "model")
@@ -105,16 +104,8 @@ def policy_outputs(model: ActorCritic, batch: dict[str, jax.Array], response_len
 
 
 def build_actor_critic_spec(model_config: ml_collections.ConfigDict, value: str) -> ModelSpec:
-  """The ModelSpec of an ActorCritic, traced abstractly (as models/build.py does)."""
-  make = lambda rngs: ActorCritic(model_config, rngs=rngs, value=value)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(params=0))))
-  shapes = nnx.to_pure_dict(state)
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-  logical_axes = jax.tree.map(lambda spec, shape: tuple(spec) if spec is not None
-                              else (None,) * len(shape.shape), specs, shapes,
-                              is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  return ModelSpec(config=model_config, graphdef=graphdef, shapes=shapes,
-                   logical_axes=logical_axes, make=make)
+  """The ModelSpec of an ActorCritic, traced abstractly (models/build.py `spec_of`)."""
+  return spec_of(model_config, lambda rngs: ActorCritic(model_config, rngs=rngs, value=value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,20 +128,6 @@ def restore_initial_params(params: Params, abstract_params: Params, sources: Ini
                                          fresh_params=params["critic"])
     params = dict(params, critic=critic)
   return params
-
-
-def restore_decoder_params(model_config: ml_collections.ConfigDict, path: str, mesh, rules
-                           ) -> tuple[ModelSpec, Params]:
-  """A frozen decoder (the reference) restored sharded from `path`; '' -> a random init (only
-  for benchmarks, where no checkpoint exists)."""
-  from models.build import build_model_spec
-  spec = build_model_spec(model_config, "decoder")
-  shardings = tree_shardings(spec.logical_axes, spec.shapes, mesh, rules)
-  if not path:
-    return spec, jax.jit(spec.init, out_shardings=shardings)(jax.random.PRNGKey(2))
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        spec.shapes, shardings)
-  return spec, Checkpointer.restore_params(path, target)
 
 
 def token_kl(logits: jax.Array, ref_logits: jax.Array) -> jax.Array:

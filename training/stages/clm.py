@@ -2,16 +2,16 @@
 
 Continued pretraining (configs/cpt.py) is this stage with a second corpus: with
 `config.data.replay_weight > 0` the training stream mixes in that share of the replay corpus
-(data/mixture.py), and the `evaluate` hook reports, beyond the loop's own `eval/*` on the main
-corpus:
+(data/mixture.py), and its evaluator (`ClmEvaluator`) reports, beyond the loop's own `eval/*`
+on the main corpus:
 
     eval_replay/*                   held-out metrics on the replay corpus, at every evaluation
                                     (when `config.data.replay_source` is set): forgetting;
     eval_init/*, eval_replay_init/* the same two evaluations of the `config.init_from` params,
                                     once per run (per process): the "before" of the run.
 
-A hook rather than a second eval split in the loop: only CLM stages have a replay corpus, and
-the "before" numbers need the init checkpoint, which only the stage knows to read again.
+An evaluator rather than a second eval split in the loop: only CLM stages have a replay corpus,
+and the "before" numbers need the init checkpoint, which only the stage knows to read again.
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ import ml_collections
 from data.mixture import make_mixed_clm_dataset, replay_data_config
 from data.pipeline import make_clm_dataset
 from objectives.clm import clm_loss
-from training.stages import Stage
+from parallel.rules import batch_sharding
+from training.evaluation import SplitEvaluator, stage_batches
+from training.runs import load_params
+from training.stage import EvalContext, Stage
+from training.step import make_eval_step
 
 
 def clm_forward(model, batch, rng, cfg: ml_collections.ConfigDict, frozen):
@@ -40,64 +44,50 @@ def make_dataset(config, tokenizer, **kwargs):
   return make_clm_dataset(config.data, tokenizer, seq_len=config.data.seq_len, **kwargs)
 
 
-# One jitted eval step, kept while the same spec and mesh are in use (one run), and the runs
-# whose init params were already evaluated in this process.
-_EVAL_STEP: dict = {}
-_INIT_EVALUATED: set = set()
+class ClmEvaluator:
+  """`Stage.make_evaluator`: replay-corpus and init-params metrics (see the module docstring).
 
-
-def _eval_step(ctx):
-  from training.step import make_eval_step
-  key = (id(ctx.spec), id(ctx.mesh))
-  if _EVAL_STEP.get("key") != key:
-    shardings = jax.tree.map(lambda a: a.sharding, ctx.params)
-    _EVAL_STEP.update(key=key, keep=(ctx.spec, ctx.mesh), fn=make_eval_step(
-        ctx.spec, clm_forward, ctx.config.objective, mesh=ctx.mesh, rules=ctx.rules,
-        params_shardings=shardings))
-  return _EVAL_STEP["fn"]
-
-
-def _evaluate_corpus(ctx, params, data_config, prefix: str) -> dict:
-  """The loop's held-out evaluation of `params` on `data_config`'s eval split, as prefix/*.
-
-  Batches are read as the loop reads its own eval split: each host the data shards behind
-  its rows of the global batch (parallel/host_data.py).
+  Built once per run: it owns the jitted eval step (compiled on the first call, for the
+  params' shardings) and remembers that the init params were evaluated.
   """
-  from parallel.host_data import ShardedBatches
-  from parallel.rules import batch_sharding
-  from training.loop import evaluate
-  config = ctx.config
-  sharding, size = batch_sharding(ctx.mesh, ctx.rules), config.data.global_batch_size
-  make_iter = lambda: ShardedBatches.for_sharding(
-      lambda index, count, rows: iter(make_clm_dataset(
-          data_config, ctx.tokenizer, split="eval", seq_len=config.data.seq_len,
-          batch_size=rows, shard_index=index, shard_count=count, seed=config.seed,
-          workdir=ctx.workdir)),
-      sharding, size, config.data.get("num_shards", 0))
-  metrics = evaluate(_eval_step(ctx), params, make_iter, config.train.eval_steps, sharding,
-                     size)
-  return {f"{prefix}/{k.removeprefix('eval/')}": v for k, v in metrics.items()}
 
+  def __init__(self, ctx: EvalContext):
+    self.ctx = ctx
+    self.replay = replay_data_config(ctx.config.data)
+    self.init_evaluated = False
+    self._eval_step = None
 
-def evaluate_extra(ctx) -> dict:
-  """`Stage.evaluate`: replay-corpus and init-params metrics (see the module docstring)."""
-  config = ctx.config
-  replay = replay_data_config(config.data)
-  record = {}
-  if replay is not None:
-    record.update(_evaluate_corpus(ctx, ctx.params, replay, "eval_replay"))
-  run = (ctx.workdir, config.init_from)
-  if config.init_from and run not in _INIT_EVALUATED:
-    from training.checkpoint import Checkpointer
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          ctx.params)
-    init_params = Checkpointer.restore_params(config.init_from, target)
-    record.update(_evaluate_corpus(ctx, init_params, config.data, "eval_init"))
-    if replay is not None:
-      record.update(_evaluate_corpus(ctx, init_params, replay, "eval_replay_init"))
-    _INIT_EVALUATED.add(run)
-  return record
+  def _corpus(self, data_config, prefix: str, params) -> dict[str, float]:
+    """The loop's held-out evaluation of `params` on `data_config`'s eval split, as prefix/*."""
+    ctx, config = self.ctx, self.ctx.config
+    if self._eval_step is None:
+      self._eval_step = make_eval_step(
+          ctx.spec, clm_forward, config.objective, mesh=ctx.mesh, rules=ctx.rules,
+          params_shardings=jax.tree.map(lambda a: a.sharding, params))
+    corpus = lambda cfg, tokenizer, **kwargs: make_clm_dataset(
+        data_config, tokenizer, seq_len=cfg.data.seq_len, **kwargs)
+    sharding = batch_sharding(ctx.mesh, ctx.rules)
+    evaluator = SplitEvaluator(
+        self._eval_step, lambda: stage_batches(corpus, config, ctx.tokenizer, split="eval",
+                                               sharding=sharding, workdir=ctx.workdir),
+        steps=config.train.eval_steps, sharding=sharding,
+        size=config.data.global_batch_size, prefix=prefix)
+    return evaluator(params)
+
+  def __call__(self, params) -> dict[str, float]:
+    config = self.ctx.config
+    record = {}
+    if self.replay is not None:
+      record.update(self._corpus(self.replay, "eval_replay", params))
+    if config.init_from and not self.init_evaluated:
+      ctx = self.ctx
+      init_params = load_params(config.init_from, ctx.spec, ctx.mesh, ctx.rules)
+      record.update(self._corpus(config.data, "eval_init", init_params))
+      if self.replay is not None:
+        record.update(self._corpus(self.replay, "eval_replay_init", init_params))
+      self.init_evaluated = True
+    return record
 
 
 STAGE = Stage(name="clm", loss_fn=clm_forward, make_dataset=make_dataset,
-              evaluate=evaluate_extra)
+              make_evaluator=ClmEvaluator)

@@ -9,29 +9,24 @@ objective (objectives/distill.py) compares their next-token distributions on the
 
 from __future__ import annotations
 
-import json
-import os
-
 import ml_collections
 
-from configs.base import run_dir
+from configs.run_layout import read_run_config
 from objectives.distill import distill_loss
-from training.stages import FrozenModel, Stage
+from training.stage import FrozenModel, Stage
 from training.stages.clm import make_dataset
-
-CONFIG_FILE = "config.json"  # training/metrics.py writes a run's config there
 
 
 def teacher_model_config(path: str) -> ml_collections.ConfigDict:
-  """The `model` section of the run at `path` (its workdir, checkpoints dir or step dir)."""
+  """The `model` section of the run at `path` (its workdir, checkpoints dir or step dir),
+  completed by today's model defaults like every run's config."""
   if not path:
     raise ValueError("config.objective.teacher is empty: set it to the teacher run's workdir")
-  config_path = os.path.join(run_dir(path), CONFIG_FILE)
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: config.objective.teacher must be a run "
-                            "trained by scripts.train (its workdir holds config.json)")
-  with open(config_path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f)["model"])
+  try:
+    return read_run_config(path).model
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e} (config.objective.teacher must be a run trained by "
+                            "scripts.train: its workdir holds config.json)") from None
 
 
 def frozen_models(config: ml_collections.ConfigDict) -> dict[str, FrozenModel]:

@@ -17,7 +17,7 @@ KTO example with its mismatched completion) is one packing unit of two segments
 SimPO and ORPO need no reference.
 
 Held-out evaluation: besides the loss metrics on the eval split (`eval/rewards/accuracies`
-...), `evaluate` scores the DPO implicit reward beta log(pi / pi_ref) on every held-out
+...), its evaluator (`PairsEvaluator`) scores the DPO implicit reward beta log(pi / pi_ref) on every held-out
 preference pair, whatever the loss: `eval/pairs/accuracy` (ties count 1/2, so 0.5 at
 pi = pi_ref) and `eval/pairs/logratio_margin` (mean of h, the chosen minus the rejected
 log-ratio, without beta). For KTO, trained on unpaired data, and SimPO / ORPO, whose own rewards
@@ -26,7 +26,6 @@ differ, this is the comparable figure. It needs a reference (or init_from).
 
 from __future__ import annotations
 
-
 import ml_collections
 import numpy as np
 
@@ -34,10 +33,12 @@ from data.preferences import EncodeExample, load_examples, make_preference_datas
 from objectives.dpo import REFERENCE_FREE, Hyper, PairLogps, dpo_loss, preference_accuracy
 from objectives.kto import kl_reference_point, kto_loss
 from objectives.pairs import pair_mask, segment_last, split_pairs
-from training.stages import FrozenModel, Stage
+from models.build import build_model_spec
+from training.runs import load_params
+from training.stage import EvalContext, FrozenModel, Stage
 from training.stages.reference_cache import (ReferenceCache, make_pair_log_probs_fn,
-                                             pair_log_probs, params_checksum, restore_decoder,
-                                             split_table, units_fingerprint)
+                                             pair_log_probs, params_checksum, split_table,
+                                             units_fingerprint)
 
 REFERENCE_MODES = ("cached", "in_step")
 
@@ -129,7 +130,7 @@ def _split_data(config, tokenizer, split: str, workdir: str):
 
 def prepare(config, tokenizer, *, mesh, rules, workdir: str) -> None:
   """Caches reference log-probs of the train / eval examples (cached mode) and of the held-out
-  pairs that `evaluate` scores; reuses tables whose fingerprint still matches."""
+  pairs that `PairsEvaluator` scores; reuses tables whose fingerprint still matches."""
   splits = ["train", "eval"] if _cached(config.objective) else []
   path = reference_path(config, required=bool(splits))
   pairs = _pairs_split(config)
@@ -138,7 +139,8 @@ def prepare(config, tokenizer, *, mesh, rules, workdir: str) -> None:
   if not path or not splits:
     return
   data = {split: _split_data(config, tokenizer, split, workdir) for split in splits}
-  spec, params = restore_decoder(config.model, path, mesh, rules)
+  spec = build_model_spec(config.model, "decoder")
+  params = load_params(path, spec, mesh, rules)
   checksum = params_checksum(params)
   cache, forward = ReferenceCache(workdir), None
   for split, (encode, num, batches) in data.items():
@@ -153,31 +155,32 @@ def prepare(config, tokenizer, *, mesh, rules, workdir: str) -> None:
     cache.save(split, table, fingerprint)
 
 
-_FORWARDS: dict = {}
+class PairsEvaluator:
+  """`Stage.make_evaluator`: implicit-reward accuracy beta log(pi / pi_ref) on every held-out
+  preference pair. Built once per run: it owns the jitted forward pass."""
 
+  def __init__(self, ctx: EvalContext):
+    self.ctx = ctx
+    config = ctx.config
+    self.split = _pairs_split(config)
+    self.enabled = self.split is not None and bool(reference_path(config, required=False))
+    self.forward = (make_pair_log_probs_fn(ctx.spec, ctx.mesh, ctx.rules) if self.enabled
+                    else None)
 
-def evaluate(context) -> dict[str, float]:
-  """Implicit-reward accuracy beta log(pi / pi_ref) on every held-out preference pair."""
-  config = context.config
-  split = _pairs_split(config)
-  if split is None or not reference_path(config, required=False):
-    return {}
-  reference = ReferenceCache(context.workdir).load(split)
-  key = (id(context.spec), id(context.mesh))
-  if key not in _FORWARDS:  # one compile per run, not per evaluation
-    _FORWARDS.clear()
-    _FORWARDS[key] = (context.spec, context.mesh,
-                      make_pair_log_probs_fn(context.spec, context.mesh, context.rules))
-  forward = _FORWARDS[key][2]
-  _, num, batches = _split_data(config, context.tokenizer, split, context.workdir)
-  policy = split_table(forward, context.params, batches(), num, mesh=context.mesh,
-                       rules=context.rules, global_batch=config.data.global_batch_size)
-  # The accuracy does not depend on beta; the margin is reported without it, so runs with
-  # different betas (SimPO's 2.0, DPO's 0.1) compare.
-  ratio_w, ratio_l = policy[:, 0] - reference[:, 0], policy[:, 1] - reference[:, 1]
-  return {"eval/pairs/accuracy": float(np.mean(preference_accuracy(ratio_w, ratio_l))),
-          "eval/pairs/logratio_margin": float(np.mean(ratio_w - ratio_l))}
+  def __call__(self, params) -> dict[str, float]:
+    if not self.enabled:
+      return {}
+    ctx, config = self.ctx, self.ctx.config
+    reference = ReferenceCache(ctx.workdir).load(self.split)
+    _, num, batches = _split_data(config, ctx.tokenizer, self.split, ctx.workdir)
+    policy = split_table(self.forward, params, batches(), num, mesh=ctx.mesh, rules=ctx.rules,
+                         global_batch=config.data.global_batch_size)
+    # The accuracy does not depend on beta; the margin is reported without it, so runs with
+    # different betas (SimPO's 2.0, DPO's 0.1) compare.
+    ratio_w, ratio_l = policy[:, 0] - reference[:, 0], policy[:, 1] - reference[:, 1]
+    return {"eval/pairs/accuracy": float(np.mean(preference_accuracy(ratio_w, ratio_l))),
+            "eval/pairs/logratio_margin": float(np.mean(ratio_w - ratio_l))}
 
 
 STAGE = Stage(name="dpo", loss_fn=dpo_forward, make_dataset=make_dataset,
-              frozen_models=frozen_models, prepare=prepare, evaluate=evaluate)
+              frozen_models=frozen_models, prepare=prepare, make_evaluator=PairsEvaluator)

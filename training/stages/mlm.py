@@ -7,7 +7,7 @@ import ml_collections
 
 from data.mlm_masking import MaskingRule, make_mlm_dataset
 from objectives.mlm import mlm_loss
-from training.stages import Stage
+from training.stage import Stage
 
 
 def mlm_forward(model, batch, rng, cfg: ml_collections.ConfigDict, frozen):

@@ -37,18 +37,16 @@ from typing import Any, Callable, Iterable
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from models.build import ModelSpec, build_model_spec
+from models.build import ModelSpec
 from objectives.clm import token_log_probs
 from objectives.pairs import (PairSequences, pair_mask, segment_last, sequence_log_probs,
                               split_pairs)
 from parallel.host_data import process_rows
 from parallel.rules import batch_sharding, tree_shardings, use_mesh_rules
-from training.checkpoint import Checkpointer
 
 CACHE_DIR = "reference_logps"
 
@@ -103,15 +101,6 @@ def split_table(forward: Callable, params: Any, batches: Iterable[dict[str, np.n
     raise ValueError(f"{len(missing)} examples (first: {missing[:5].tolist()}) got no "
                      "log-prob; were they all in the batches?")
   return table
-
-
-def restore_decoder(model_config: ml_collections.ConfigDict, path: str, mesh,
-                    rules) -> tuple[ModelSpec, Any]:
-  """A decoder's spec and its params restored sharded from the run or checkpoint at `path`."""
-  spec = build_model_spec(model_config, "decoder")
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        spec.shapes, tree_shardings(spec.logical_axes, spec.shapes, mesh, rules))
-  return spec, Checkpointer.restore_params(path, target)
 
 
 def params_checksum(params: Any) -> str:

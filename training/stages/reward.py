@@ -17,7 +17,7 @@ import ml_collections
 from data.preferences import make_preference_dataset
 from objectives.pairs import pair_mask, segment_last, split_pairs
 from objectives.reward import bradley_terry_loss
-from training.stages import Stage
+from training.stage import Stage
 
 
 def reward_forward(model, batch, rng, cfg: ml_collections.ConfigDict, frozen):

@@ -3,10 +3,10 @@
   loss_fn       one forward pass over the packed batch -> objectives/sft.py (clm_loss under the
                 chat template's loss mask; token- or example-normalised).
   make_dataset  data/sft.py: records -> conversations -> tokens + mask -> truncate -> pack.
-  evaluate      greedy generation (models/sampler.py) on held-out prompts rendered with the
+  evaluator     greedy generation (models/sampler.py) on held-out prompts rendered with the
                 run's chat template, stopped at the template's end-of-turn token:
-                  eval/answer_accuracy  reply states the reference answer
-                                        (data/tiny_tasks.answer_correct)
+                  eval/answer_accuracy  reply states the reference answer (the run's
+                                        config.data.answer_checker, data/verifiers.py)
                   eval/exact_match      reply equals the reference reply (whitespace aside)
                   eval/stop_rate        reply ended with the end-of-turn / EOS token
                 over `config.eval.num_prompts` held-out prompts: `config.eval.prompt_files`
@@ -21,20 +21,20 @@ model an SFT run starts from.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 from typing import Callable, Sequence
 
-import jax
 import ml_collections
 
 from data import chat_template
 from data import sft as sft_data
-from data import tiny_tasks
+from data import tiny_tasks, verifiers
 from data.conversation import Conversation, Turn, read_records
 from models import sampler
 from objectives.sft import sft_loss
-from training.stages import Stage
+from parallel.mesh import make_mesh
+from parallel.rules import get_rules
+from training.runs import load_model
+from training.stage import EvalContext, Stage
 
 
 def sft_forward(model, batch, rng, cfg: ml_collections.ConfigDict, frozen):
@@ -79,19 +79,15 @@ def held_out_prompts(config: ml_collections.ConfigDict, workdir: str | None = No
   return items
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_prompts(config: ml_collections.FrozenConfigDict, workdir: str | None) -> tuple:
-  return tuple(held_out_prompts(config, workdir))
-
-
 def _same_text(a: str, b: str) -> bool:
   return a.split() == b.split()
 
 
-def score_replies(replies: Sequence[str], stopped: Sequence[bool],
-                  items: Sequence[HeldOut]) -> dict[str, float]:
-  """Mean answer accuracy / exact match / stop rate over the items that have each."""
-  answered = [tiny_tasks.answer_correct(r, it.answer) for r, it in zip(replies, items)
+def score_replies(replies: Sequence[str], stopped: Sequence[bool], items: Sequence[HeldOut],
+                  answer_check: verifiers.AnswerChecker) -> dict[str, float]:
+  """Mean answer accuracy (`answer_check(reply, answer)`) / exact match / stop rate over the
+  items that have each."""
+  answered = [bool(answer_check(r, it.answer)) for r, it in zip(replies, items)
               if it.answer is not None]
   exact = [_same_text(r, it.reference) for r, it in zip(replies, items)
            if it.reference is not None]
@@ -103,69 +99,63 @@ def score_replies(replies: Sequence[str], stopped: Sequence[bool],
   return metrics
 
 
-def generate_replies(ctx, prompts: Sequence[Sequence[int]], *, generate: Callable | None = None
-                     ) -> tuple[list[str], list[bool]]:
-  """Greedy replies to rendered prompts, decoded without their stop token, and whether each
-  stopped (rather than running out of `config.eval.max_new_tokens`)."""
-  generate = sampler.generate if generate is None else generate
-  tok, cfg = ctx.tokenizer, ctx.config
-  stops = chat_template.stop_ids(tok, cfg.data.chat_template)
-  replies, stopped = [], []
-  for start in range(0, len(prompts), cfg.eval.batch_size):
-    out = generate(ctx.spec, ctx.params, [list(p) for p in prompts[start:start +
-                                                                     cfg.eval.batch_size]],
-                   max_new_tokens=cfg.eval.max_new_tokens, eos_id=tok.eos_id,
-                   pad_id=tok.pad_id, stop_ids=stops, temperature=0.0, mesh=ctx.mesh,
-                   rules=ctx.rules)
-    for row, length in zip(out.tokens, out.lengths):
-      ids = [int(t) for t in row[:int(length)]]
-      ended = bool(ids) and ids[-1] in stops
-      replies.append(tok.decode(ids[:-1] if ended else ids))
-      stopped.append(ended)
-  return replies, stopped
+class GenerationEvaluator:
+  """`Stage.make_evaluator`: held-out generation metrics (see the module docstring).
 
-
-def evaluate(ctx, *, generate: Callable | None = None) -> dict[str, float]:
-  """Held-out generation metrics of `ctx.params` (a training/loop.py EvalContext).
-
-  `generate` defaults to `models.sampler.generate` (same signature); tests pass a stand-in.
+  Built once per run: it reads and renders the held-out prompts once, resolves the run's answer
+  checker once and keeps one `models.sampler.Sampler`, whose compiled sampler every evaluation
+  reuses. `generate` (default: that sampler's `generate`) is a stand-in hook for tests.
   """
-  items = _cached_prompts(ml_collections.FrozenConfigDict(ctx.config), ctx.workdir or None)
-  if not items:
-    raise ValueError("no held-out prompts to evaluate")
-  template = ctx.config.data.chat_template
-  prompts = [chat_template.render_prompt(ctx.tokenizer, it.context, template) for it in items]
-  replies, stopped = generate_replies(ctx, prompts, generate=generate)
-  return score_replies(replies, stopped, items)
+
+  def __init__(self, ctx: EvalContext, *, generate: Callable | None = None):
+    self.ctx = ctx
+    self.items = held_out_prompts(ctx.config, ctx.workdir or None)
+    if not self.items:
+      raise ValueError("no held-out prompts to evaluate")
+    template = ctx.config.data.chat_template
+    self.prompts = [chat_template.render_prompt(ctx.tokenizer, it.context, template)
+                    for it in self.items]
+    self.stops = chat_template.stop_ids(ctx.tokenizer, template)
+    self.answer_check = verifiers.get_answer_checker(ctx.config.data.answer_checker)
+    self.generate = generate or sampler.Sampler(ctx.spec, ctx.mesh, ctx.rules).generate
+
+  def replies(self, params) -> tuple[list[str], list[bool]]:
+    """Greedy replies to the prompts, decoded without their stop token, and whether each
+    stopped (rather than running out of `config.eval.max_new_tokens`)."""
+    tok, cfg = self.ctx.tokenizer, self.ctx.config
+    replies, stopped = [], []
+    for start in range(0, len(self.prompts), cfg.eval.batch_size):
+      batch = [list(p) for p in self.prompts[start:start + cfg.eval.batch_size]]
+      out = self.generate(params, batch, max_new_tokens=cfg.eval.max_new_tokens,
+                          eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=self.stops,
+                          temperature=0.0)
+      for row, length in zip(out.tokens, out.lengths):
+        ids = [int(t) for t in row[:int(length)]]
+        ended = bool(ids) and ids[-1] in self.stops
+        replies.append(tok.decode(ids[:-1] if ended else ids))
+        stopped.append(ended)
+    return replies, stopped
+
+  def __call__(self, params) -> dict[str, float]:
+    replies, stopped = self.replies(params)
+    return score_replies(replies, stopped, self.items, self.answer_check)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str,
                         workdir: str | None = None) -> dict[str, float]:
-  """`evaluate` on the params of any run (workdir, checkpoints dir or step dir) with that run's
-  own tokenizer (else `config.data.tokenizer`): e.g. the base model of an SFT run.
+  """The SFT evaluation of any run's params (workdir, checkpoints dir or step dir; a LoRA run
+  merged) with that run's own tokenizer: e.g. the base model an SFT run starts from.
 
   python -c "from configs import sft; from training.stages.sft import evaluate_checkpoint; \\
       print(evaluate_checkpoint(sft.get_config('tiny'), 'runs/pretrain_tiny'))"
   """
-  import models  # noqa: F401  (flax's sharding mode, as in training/loop.py)
-  from configs.base import run_dir
-  from data.tokenizer import Tokenizer
-  from models.build import build_model_spec
-  from parallel.mesh import make_mesh
-  from parallel.rules import get_rules, tree_shardings
-  from training.checkpoint import Checkpointer
-  from training.loop import EvalContext
-
-  mesh, rules = make_mesh(config.mesh), get_rules(config.mesh.rules)
-  own = os.path.join(run_dir(path), "tokenizer", "spm.model")
-  if not (os.path.exists(own) or config.data.tokenizer):
-    raise FileNotFoundError(f"{own} not found; set config.data.tokenizer")
-  tokenizer = Tokenizer.load(own if os.path.exists(own) else config.data.tokenizer)
-  spec = build_model_spec(config.model)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        spec.shapes, tree_shardings(spec.logical_axes, spec.shapes, mesh, rules))
-  params = Checkpointer.restore_params(path, target)
-  return evaluate(EvalContext(config, tokenizer, spec, params, mesh, rules, workdir or ""))
+  mesh = make_mesh(config.mesh)
+  model = load_model(path, model_config=config.model, mesh=mesh,
+                     rules=get_rules(config.mesh.rules))
+  evaluator = GenerationEvaluator(EvalContext(config, model.tokenizer, model.spec, model.mesh,
+                                              model.rules, workdir or ""))
+  return evaluator(model.params)
 
 
-STAGE = Stage(name="sft", loss_fn=sft_forward, make_dataset=make_dataset, evaluate=evaluate)
+STAGE = Stage(name="sft", loss_fn=sft_forward, make_dataset=make_dataset,
+              make_evaluator=GenerationEvaluator)
