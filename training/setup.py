@@ -88,7 +88,7 @@ class RunSetup:
     specs, params, shardings = {}, {}, {}
     base = None
     if self.lora:
-      if not self.config.init_from:
+      if not (abstract or self.config.init_from):
         raise ValueError("config.lora.enabled needs config.init_from: the base model to adapt")
       spec = self.spec
       target = sharded_target(spec.base_shapes, spec.base_logical_axes, self.mesh, self.rules)

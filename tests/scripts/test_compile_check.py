@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import pretrain
+from models.build import count_params
+from models.lora import trained_count
 from parallel.tpu_topology import parse_topology
-from scripts.compile_check import _parse_out_of_memory
+from scripts.compile_check import _parse_out_of_memory, device_memory, lower_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -83,6 +86,24 @@ def test_cli_compiles_train_step_for_v5e_2x2():
   assert summary["total_bytes"] > 1 << 20
   # libtpu only described the topology: nothing tried to start a TPU runtime.
   assert "TPU_" not in result.stderr and "libtpu" not in result.stderr
+
+
+def test_a_lora_step_compiles_with_its_frozen_base_as_an_argument():
+  """The AOT check builds LoRA runs like training does: adapters in the state, the frozen base
+  (shapes only, nothing read) an argument of the step."""
+  config = pretrain.get_config("tiny")
+  config.model.update(dict(d_model=64, num_layers=2, mlp_dim=128, vocab_size=256))
+  config.data.update(dict(seq_len=64, global_batch_size=4))
+  config.mesh.update(dict(data=1))
+  full = device_memory(lower_train_step(config, jax.devices()[:1])[0].compile())
+  config.lora.update(dict(enabled=True, rank=4))
+  lowered, setup = lower_train_step(config, jax.devices()[:1])
+  lora = device_memory(lowered.compile())
+  base = count_params(setup.base_spec.shapes)
+  assert count_params(setup.spec.shapes) == trained_count(setup.spec) < base / 10
+  # Full: params + Adam's two moments (+ step, rng). LoRA: the base once, adapters thrice.
+  assert lora["argument"] < full["argument"] / 2
+  assert lora["argument"] >= 4 * (base + 3 * trained_count(setup.spec))
 
 
 @needs_libtpu

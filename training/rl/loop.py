@@ -12,9 +12,10 @@ An RL run counts *iterations*: `config.train.steps`, `eval_every`, `log_every` a
          of training/step.py's jitted, sharded, donated train step                  [update]
       -> the next KL coefficient (PPO's adaptive controller)
 
-Sections below: start-up and mesh; prompts; models (the trained ActorCritic, the frozen
-reference and reward model) and state (fresh from `config.init_from`, or resumed); the loop
-with metrics, evaluation and checkpoints. The checkpoint holds the train state plus `rl`:
+Sections below: start-up; prompts; models (`RLTrainer`: the trained ActorCritic built by
+training/setup.py, the frozen reference and reward model loaded by training/runs.py) and state
+(fresh from `config.init_from`, or resumed); the loop: training/outer_loop.py's, shared with
+the supervised loop (logging windows, evaluation, checkpoints), one step per iteration. The checkpoint holds the train state plus `rl`:
 the iteration counter and the KL coefficient; the prompts, sampling seeds and minibatch
 order are pure functions of (seed, iteration), so rerunning the command resumes exactly.
 """
