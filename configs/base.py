@@ -107,6 +107,14 @@ def base_config() -> ml_collections.ConfigDict:
       every_steps=500,
       max_to_keep=3,
       async_save=True,
+      # A latest step that cannot be restored (truncated or missing files) is skipped for the
+      # newest one that restores, logged, and moved aside to `{step}.unrestorable-{time}`.
+      # On by default: a requeued or preempted job restarts unattended, and crash-looping on
+      # one bad step loses more than the `every_steps` it redoes. False raises instead.
+      fallback=True,
+      # A missing or unreadable data iterator state is an error (resuming would silently
+      # change the data order); True resumes the train state with a fresh iterator.
+      fresh_data_iterator=False,
   ))
 
   config.train = ml_collections.ConfigDict(dict(
@@ -115,6 +123,12 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=500,
       eval_steps=10,
       log_every=10,
+      # A step whose loss or gradient norm is not finite never changes the params (training/
+      # step.py); then 'stop' ends the run with an error naming the step, before any later
+      # checkpoint, and 'skip' goes on and counts it (train/nonfinite), stopping only after
+      # `max_nonfinite_skips` such steps in a row.
+      nonfinite="stop",
+      max_nonfinite_skips=10,
   ))
 
   # LoRA (models/lora.py): train only low-rank adapters of these projections; the base

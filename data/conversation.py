@@ -19,6 +19,7 @@ Validation raises `InvalidRecord`; the readers below (through data/records.py) t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Iterator
 
 from data.records import InvalidRecord, SkipCounter, iter_jsonl_records, require_text
@@ -191,17 +192,25 @@ def parse_preferences(obj: Any) -> list[PreferencePair]:
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
       raise InvalidRecord("wrong_type", f"field 'margin' must be a number, got "
                           f"{type(margin).__name__}")
-    return [PreferencePair(_context(obj), require_text(obj, "chosen"),
-                           require_text(obj, "rejected"),
+    chosen, rejected = require_text(obj, "chosen"), require_text(obj, "rejected")
+    if _same_answer(chosen, rejected):
+      raise InvalidRecord("same_answer", "'chosen' and 'rejected' are the same text (the pair "
+                          "has no preference to learn)")
+    return [PreferencePair(_context(obj), chosen, rejected,
                            None if margin is None else float(margin))]
   context, pairs = [], []
-  candidates: dict[str, list[str]] = {"chosen": [], "rejected": []}
+  # label -> [(turn index, content)] of the candidates after the current user turn.
+  candidates: dict[str, list[tuple[int, str]]] = {"chosen": [], "rejected": []}
 
   def close_turn():
-    pairs.extend(PreferencePair(tuple(context), c, r) for c in candidates["chosen"]
-                 for r in candidates["rejected"])
+    for (i, chosen), (j, rejected) in itertools.product(candidates["chosen"],
+                                                        candidates["rejected"]):
+      if _same_answer(chosen, rejected):
+        raise InvalidRecord("same_answer", f"turns {i} (chosen) and {j} (rejected) are the "
+                            "same text (the pair has no preference to learn)")
+      pairs.append(PreferencePair(tuple(context), chosen, rejected))
     if candidates["chosen"]:
-      context.append(Turn("assistant", candidates["chosen"][0]))
+      context.append(Turn("assistant", candidates["chosen"][0][1]))
     candidates["chosen"], candidates["rejected"] = [], []
 
   for i, raw in enumerate(_turns(obj)):
@@ -209,7 +218,7 @@ def parse_preferences(obj: Any) -> list[PreferencePair]:
     if role == "assistant" and label is not None:
       if not context or context[-1].role != "user":
         raise InvalidRecord("bad_order", f"turn {i}: a labelled answer must follow a user turn")
-      candidates[label].append(content)
+      candidates[label].append((i, content))
       continue
     close_turn()
     context.append(Turn(role, content))
@@ -217,6 +226,12 @@ def parse_preferences(obj: Any) -> list[PreferencePair]:
   if not pairs:
     raise InvalidRecord("no_pairs", "no user turn has both a chosen and a rejected answer")
   return pairs
+
+
+def _same_answer(chosen: str, rejected: str) -> bool:
+  # Equal up to surrounding whitespace: both sides then tokenize alike, so the DPO / reward
+  # margin is zero by construction and the pair only dilutes the batch.
+  return chosen.strip() == rejected.strip()
 
 
 def parse_feedback(obj: Any) -> Feedback:

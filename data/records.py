@@ -2,8 +2,11 @@
 
 Every reader reports a malformed record as a `RecordError` naming the file, the 1-based line
 number and what is wrong, or, with `skip_invalid=True`, skips it and counts it in a
-`SkipCounter` by reason. The JSON-line layer (`iter_jsonl`, `iter_jsonl_records`) takes a
-validation hook, so the instruction and preference formats of later stages reuse it:
+`SkipCounter` by reason (and logs a file whose share of skipped records is above
+`SKIPPED_SHARE_WARNING`). Files are decoded line by line, so a line that is not UTF-8 is one
+such record (reason 'bad_utf8'), in .txt files too. The JSON-line layer (`iter_jsonl`,
+`iter_jsonl_records`) takes a validation hook, so the instruction and preference formats of
+later stages reuse it:
 
     def validate_alpaca(obj):
       return dict(instruction=require_text(obj, "instruction"), ...)
@@ -18,7 +21,11 @@ import json
 import os
 from typing import Any, Callable, Iterator, TypeVar
 
+from absl import logging
+
 T = TypeVar("T")
+# A file whose share of skipped records is above this is logged on its own (with its path).
+SKIPPED_SHARE_WARNING = 0.1
 
 
 class InvalidRecord(ValueError):
@@ -83,17 +90,35 @@ def iter_jsonl(path: str) -> Iterator[tuple]:
     yield line_no, obj
 
 
+def _iter_lines(path: str) -> Iterator[tuple]:
+  """Yields `(line_no, text)` per line, or `(line_no, RecordError)` for one that is not UTF-8.
+
+  The file is read as bytes and decoded line by line, so one bad byte costs only its line (and
+  names it) instead of a bare UnicodeDecodeError for the whole file.
+  """
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      try:
+        yield line_no, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield line_no, RecordError(path, line_no, "bad_utf8",
+                                   f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                                   f"{e.start + 1} of the line)")
+
+
 def _iter_jsonl_or_errors(path: str) -> Iterator[tuple]:
   # Yields a bad line's error instead of raising it, so a caller may skip it and go on.
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        yield line_no, json.loads(line)
-      except json.JSONDecodeError as e:
-        yield line_no, RecordError(path, line_no, "bad_json",
-                                   f"invalid JSON ({e.msg} at column {e.colno})")
+  for line_no, line in _iter_lines(path):
+    if isinstance(line, RecordError):
+      yield line_no, line
+      continue
+    if not line.strip():
+      continue
+    try:
+      yield line_no, json.loads(line)
+    except json.JSONDecodeError as e:
+      yield line_no, RecordError(path, line_no, "bad_json",
+                                 f"invalid JSON ({e.msg} at column {e.colno})")
 
 
 def iter_jsonl_records(patterns: str, validate: Callable[[Any], T], *,
@@ -117,6 +142,8 @@ def iter_jsonl_records(patterns: str, validate: Callable[[Any], T], *,
 
 def _validated_jsonl(path: str, validate: Callable[[Any], T], skip_invalid: bool,
                      counter: SkipCounter) -> Iterator[T]:
+  local = SkipCounter()
+  kept = 0
   for line_no, obj in _iter_jsonl_or_errors(path):
     error = obj if isinstance(obj, RecordError) else None
     if error is None:
@@ -125,11 +152,24 @@ def _validated_jsonl(path: str, validate: Callable[[Any], T], skip_invalid: bool
       except InvalidRecord as e:
         error = RecordError(path, line_no, e.reason, e.detail)
     if error is None:
+      kept += 1
       yield record
     elif skip_invalid:
+      local.add(error.reason)
       counter.add(error.reason)
     else:
       raise error
+  _warn_if_mostly_skipped(path, kept, local)
+
+
+def _warn_if_mostly_skipped(path: str, kept: int, skipped: SkipCounter) -> None:
+  # A few bad lines in a large file are noise; a large share usually means the wrong file,
+  # field or format (or, for preferences, pairs that teach nothing), which training would
+  # otherwise hide behind one skip count for all the files.
+  total = kept + skipped.skipped
+  if total and skipped.skipped > SKIPPED_SHARE_WARNING * total:
+    logging.warning("%s: skipped %d of %d records (%.0f%%) %s", path, skipped.skipped, total,
+                    100 * skipped.skipped / total, dict(skipped.reasons))
 
 
 def require_text(obj: Any, field: str) -> str:
@@ -156,23 +196,39 @@ def iter_txt(path: str, blocks: bool = False) -> Iterator[tuple]:
   """Yields `(line_no, text)` per non-blank line, or per blank-line-separated block.
 
   A block's line number is that of its first line; its lines are joined with newlines.
+
+  Raises:
+    RecordError: a line is not valid UTF-8 (reason 'bad_utf8').
   """
-  with open(path, encoding="utf-8") as f:
+  for line_no, text in _iter_txt_or_errors(path, blocks):
+    if isinstance(text, RecordError):
+      raise text
+    yield line_no, text
+
+
+def _iter_txt_or_errors(path: str, blocks: bool) -> Iterator[tuple]:
+  # A block with a line that is not UTF-8 becomes that line's error (the document is lost
+  # whole rather than silently shortened).
+  start, block, error = 0, [], None
+  for line_no, line in _iter_lines(path):
+    if isinstance(line, RecordError):
+      if not blocks:
+        yield line_no, line
+        continue
+      start, error = start or line_no, error or line
+      continue
+    if not line.strip():
+      if blocks and (block or error):
+        yield start, error or "\n".join(block)
+        start, block, error = 0, [], None
+      continue
     if not blocks:
-      for line_no, line in enumerate(f, start=1):
-        if line.strip():
-          yield line_no, line.rstrip("\r\n")
-      return
-    start, block = 0, []
-    for line_no, line in enumerate(f, start=1):
-      if line.strip():
-        start = start or line_no
-        block.append(line.rstrip("\r\n"))
-      elif block:
-        yield start, "\n".join(block)
-        start, block = 0, []
-    if block:
-      yield start, "\n".join(block)
+      yield line_no, line.rstrip("\r\n")
+      continue
+    start = start or line_no
+    block.append(line.rstrip("\r\n"))
+  if block or error:
+    yield start, error or "\n".join(block)
 
 
 def iter_text_records(patterns: str, text_field: str = "text", txt_blocks: bool = False,
@@ -184,12 +240,12 @@ def iter_text_records(patterns: str, text_field: str = "text", txt_blocks: bool 
     patterns: comma-separated globs; files are read in sorted order per pattern.
     text_field: the JSONL field holding the text.
     txt_blocks: .txt files hold one document per blank-line-separated block, not per line.
-    skip_invalid: skip and count malformed JSONL records instead of raising.
+    skip_invalid: skip and count malformed records instead of raising.
     counter: where skipped records are counted.
 
   Raises:
-    RecordError: a malformed record (bad JSON, not an object, missing field, wrong type,
-      empty text), unless `skip_invalid`.
+    RecordError: a malformed record (not UTF-8, bad JSON, not an object, missing field, wrong
+      type, empty text; in a .txt file only not UTF-8), unless `skip_invalid`.
     ValueError: a file that is neither .jsonl nor .txt.
   """
   counter = SkipCounter() if counter is None else counter
@@ -198,6 +254,21 @@ def iter_text_records(patterns: str, text_field: str = "text", txt_blocks: bool 
     if path.endswith(".jsonl"):
       yield from _validated_jsonl(path, validate, skip_invalid, counter)
     elif path.endswith(".txt"):
-      yield from (text for _, text in iter_txt(path, blocks=txt_blocks))
+      yield from _checked_txt(path, txt_blocks, skip_invalid, counter)
     else:
       raise ValueError(f"{path}: unsupported file type (expected .jsonl or .txt)")
+
+
+def _checked_txt(path: str, blocks: bool, skip_invalid: bool,
+                 counter: SkipCounter) -> Iterator[str]:
+  local, kept = SkipCounter(), 0
+  for _, text in _iter_txt_or_errors(path, blocks):
+    if not isinstance(text, RecordError):
+      kept += 1
+      yield text
+    elif skip_invalid:
+      local.add(text.reason)
+      counter.add(text.reason)
+    else:
+      raise text
+  _warn_if_mostly_skipped(path, kept, local)

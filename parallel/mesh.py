@@ -24,6 +24,9 @@ from parallel.rules import MESH_AXES
 
 def _fill(sizes: Sequence[int], total: int, what: str) -> list[int]:
   sizes = list(sizes)
+  if any(s < 1 and s != -1 for s in sizes):
+    raise ValueError(f"{what}: axis sizes must be >= 1 or -1 (fill), got "
+                     f"{dict(zip(MESH_AXES, sizes))}")
   if sum(s == -1 for s in sizes) > 1:
     raise ValueError(f"{what}: at most one axis may be -1, got {sizes}")
   known = math.prod(s for s in sizes if s != -1)

@@ -18,12 +18,20 @@ The run's `config.json` gives the model (missing fields take today's defaults), 
 the tokenizer (`config.data.tokenizer`, else the run's `tokenizer/spm.model` or a converted
 model's `tokenizer/tokenizer.json`); training/runs.py loads it. A LoRA run is merged into its
 base (`init_from`). `--temperature 0` is greedy, so a rerun is identical.
+
+Bad settings (`--max_new_tokens 0`, `--top_p 0`, ...) are one `error: ...` line before the
+model loads; the output appears only when complete (a failed run leaves an earlier one as it
+was). With learned positions a prompt longer than `max_length - max_new_tokens` tokens keeps
+its first token and its end (logged, and counted in the printed line).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
+import tempfile
 from typing import Iterator, Sequence
 
 import jax
@@ -33,7 +41,8 @@ from configs.cli import parse_flags
 from configs.run_layout import read_run_config
 from data.chat_template import render_prompt, stop_ids
 from data.conversation import Turn, parse_prompt
-from data.records import InvalidRecord, iter_jsonl_records
+from data.prompts import fit_prompt
+from data.records import InvalidRecord, RecordError, iter_jsonl_records
 from models.sampler import Sampler
 from training.runs import LoadedModel, load_model, run_model_kind
 
@@ -122,43 +131,104 @@ def read_prompts(path: str, template: str) -> Iterator[dict]:
   yield from iter_jsonl_records(path, validate)
 
 
+def check_settings(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                   batch_size: int) -> None:
+  """Raises ValueError, one line naming every bad setting, before anything is read or written."""
+  problems = [text for bad, text in [
+      (max_new_tokens < 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
+      (temperature < 0, f"temperature must be >= 0, got {temperature}"),
+      (top_k < 0, f"top_k must be >= 0, got {top_k}"),
+      (not 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
+      (batch_size < 1, f"batch_size must be >= 1, got {batch_size}")] if bad]
+  if problems:
+    raise ValueError("; ".join(problems))
+
+
+def prompt_budget(model_config, max_new_tokens: int) -> int | None:
+  """Prompt tokens that fit before `max_new_tokens` new ones, or None for no limit.
+
+  Only learned positions have a table that ends (`model.max_length`); the sampler refuses a
+  prompt that runs past it, so such prompts are cut here instead, keeping BOS and the end
+  (data/prompts.py `fit_prompt`, as RL does): the question and the assistant header are last.
+  """
+  if model_config.get("position") != "learned":
+    return None
+  budget = model_config.max_length - max_new_tokens
+  if budget < 2:
+    raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in "
+                     f"config.model.max_length {model_config.max_length} (learned positions)")
+  return budget
+
+
+@dataclasses.dataclass(frozen=True)
+class Generated:
+  count: int        # completions written, one per prompt
+  truncated: int    # prompts cut (oldest tokens first) to fit the model's context
+
+
 def generate_file(model: LoadedModel, prompts_path: str, output_path: str, *,
                   max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                   top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-                  chat_template: str = "none") -> int:
-  """Writes one completion per prompt of `prompts_path` to `output_path`; returns the count.
+                  chat_template: str = "none") -> Generated:
+  """Writes one completion per prompt of `prompts_path` to `output_path`.
 
   Every batch is filled up to `batch_size` (copies of its first prompt, dropped), so all
-  batches of one prompt-length bucket share one compiled sampler.
+  batches of one prompt-length bucket share one compiled sampler. The settings are checked
+  before anything is read, and the output is written to a temporary file in its folder that
+  replaces `output_path` only when complete: a failure leaves an earlier output as it was.
+
+  Returns:
+    How many completions were written, and how many prompts were cut to fit the context (a
+    warning is logged for each).
   """
+  check_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, batch_size=batch_size)
   if chat_template not in TEMPLATES:
     raise ValueError(f"unknown chat template {chat_template!r}; choose one of {TEMPLATES}")
+  budget = prompt_budget(model.spec.config, max_new_tokens)
   tok = model.tokenizer
   add_bos = bool(model.config.data.get("add_bos", True)) if "data" in model.config else True
   stops = stop_tokens(tok, chat_template)
   records = list(read_prompts(prompts_path, chat_template))
   rng = jax.random.PRNGKey(seed)
   sampler = Sampler(model.spec, model.mesh, model.rules)
-  count = 0
-  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-  with open(output_path, "w", encoding="utf-8") as out:
-    for start in range(0, len(records), batch_size):
-      batch = records[start:start + batch_size]
-      ids = [prompt_tokens(tok, r["context"], chat_template, add_bos) for r in batch]
-      ids += [ids[0]] * (batch_size - len(ids))
-      result = sampler.generate(model.params, ids, max_new_tokens=max_new_tokens,
-                                eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stops,
-                                temperature=temperature, top_k=top_k, top_p=top_p,
-                                rng=jax.random.fold_in(rng, start))
-      for i, record in enumerate(batch):
-        tokens = result.tokens[i, :result.lengths[i]].tolist()
-        line = {"prompt": record["prompt"], "completion": completion_text(tok, tokens, stops),
-                "tokens": tokens, "logprob": float(result.log_probs[i].sum())}
-        if record["answer"] is not None:
-          line["answer"] = record["answer"]
-        out.write(json.dumps(line, ensure_ascii=False) + "\n")
-        count += 1
-  return count
+  count = truncated = 0
+  folder = os.path.dirname(os.path.abspath(output_path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(output_path)}.",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+      for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        ids = [prompt_tokens(tok, r["context"], chat_template, add_bos) for r in batch]
+        if budget is not None:
+          for i, prompt in enumerate(ids):
+            if len(prompt) > budget:
+              logging.warning("%s: prompt %d has %d tokens; kept its first and last %d to fit "
+                              "config.model.max_length %d with max_new_tokens %d",
+                              prompts_path, start + i + 1, len(prompt), budget - 1,
+                              model.spec.config.max_length, max_new_tokens)
+              ids[i] = fit_prompt(prompt, budget)
+              truncated += 1
+        ids += [ids[0]] * (batch_size - len(ids))
+        result = sampler.generate(model.params, ids, max_new_tokens=max_new_tokens,
+                                  eos_id=tok.eos_id, pad_id=tok.pad_id, stop_ids=stops,
+                                  temperature=temperature, top_k=top_k, top_p=top_p,
+                                  rng=jax.random.fold_in(rng, start))
+        for i, record in enumerate(batch):
+          tokens = result.tokens[i, :result.lengths[i]].tolist()
+          line = {"prompt": record["prompt"], "completion": completion_text(tok, tokens, stops),
+                  "tokens": tokens, "logprob": float(result.log_probs[i].sum())}
+          if record["answer"] is not None:
+            line["answer"] = record["answer"]
+          out.write(json.dumps(line, ensure_ascii=False) + "\n")
+          count += 1
+    os.replace(tmp, output_path)
+  except BaseException:
+    os.remove(tmp)
+    raise
+  return Generated(count, truncated)
 
 
 def main(argv):
@@ -167,13 +237,22 @@ def main(argv):
   for name in ("workdir", "prompts", "output"):
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
+  settings = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                  top_k=FLAGS.top_k, top_p=FLAGS.top_p, batch_size=FLAGS.batch_size)
+  try:
+    check_settings(**settings)  # before the model loads: a typo costs no minutes
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   logging.set_verbosity(logging.INFO)
   model = load_decoder(FLAGS.workdir)
-  count = generate_file(model, FLAGS.prompts, FLAGS.output, max_new_tokens=FLAGS.max_new_tokens,
-                        temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                        seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-                        chat_template=FLAGS.chat_template)
-  print(f"Wrote {count} completions to {FLAGS.output}")
+  try:
+    done = generate_file(model, FLAGS.prompts, FLAGS.output, seed=FLAGS.seed,
+                         chat_template=FLAGS.chat_template, **settings)
+  except (RecordError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  cut = (f" ({done.truncated} prompt{'s' * (done.truncated > 1)} cut to fit the context)"
+         if done.truncated else "")
+  print(f"Wrote {done.count} completions to {FLAGS.output}{cut}")
 
 
 if __name__ == "__main__":

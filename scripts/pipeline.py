@@ -24,7 +24,11 @@ import sys
 from absl import app, flags, logging
 
 from configs.cli import parse_flags
+from training.checkpoint import CheckpointError
 from training.metrics import quiet_library_logs, read_metrics
+from training.outer_loop import ConfigChangeError, NonFiniteError
+from training.preemption import PREEMPTED_EXIT_CODE, Preempted
+from training.workdir_lock import WorkdirLockedError
 from training.run import run_stage
 
 # (stage, config module, preset, overrides; "{name}" is the workdir of an earlier stage).
@@ -117,7 +121,13 @@ def main(argv):
     return
   logging.set_verbosity(logging.INFO)
   quiet_library_logs()
-  summary = run_pipeline(flags.FLAGS.workdir, flags.FLAGS.stages)
+  try:
+    summary = run_pipeline(flags.FLAGS.workdir, flags.FLAGS.stages)
+  except Preempted as e:  # rerunning the same command resumes the stage and goes on
+    logging.warning("%s", e)
+    sys.exit(PREEMPTED_EXIT_CODE)
+  except (NonFiniteError, WorkdirLockedError, ConfigChangeError, CheckpointError) as e:
+    sys.exit(f"error: {e}")
   for name, figures in summary.items():
     shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(figures.items()))
     print(f"{name:10s} {shown}")

@@ -14,8 +14,9 @@ runs/data/tiny_prompts-train.jsonl:
 For every prompt of `--prompts` (JSONL "Prompts only" records, docs/formats.md) the run's latest
 checkpoint samples `--samples` replies (chat template `--chat_template`, stopped at its end of
 turn), each scored by `--reward` (a function of data/verifiers.py, on the reply and the
-record's `answer`; `answer` scores with `--answer_checker`) and / or `--reward_model` (a reward-model run: its score at the last token),
-minus `--missing_stop_penalty` when a reply ran out of tokens. Output, in the formats the data
+record's `answer`; `answer` scores with `--answer_checker`) and / or `--reward_model` (a
+reward-model run: its score at the last token), minus `--missing_stop_penalty` when a reply
+ran out of tokens. Output, in the formats the data
 pipeline reads:
 
   --mode sft           per prompt, up to `--keep` distinct replies scoring >= `--threshold`,

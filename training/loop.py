@@ -22,10 +22,11 @@ from parallel.peak import total_peak_flops
 from training.checkpoint import Checkpointer
 from training.evaluation import SplitEvaluator, global_batch, stage_batches
 from training.metrics import format_progress
-from training.outer_loop import OuterLoop, StepResult, open_checkpointer, open_writer
+from training.outer_loop import (OuterLoop, StepResult, open_checkpointer, open_run,
+                                 open_writer)
 from training.registry import get_stage
 from training.setup import RunSetup, build_setup
-from training.stage import EvalContext, batch_tokens
+from training.stage import EvalContext, Stage, batch_tokens
 from training.step import LORA_BASE
 
 
@@ -40,13 +41,15 @@ def initial_state(setup: RunSetup, checkpointer: Checkpointer, train_iter) -> di
   fresh with the params of `config.init_from` where it has them."""
   config = setup.config
   if checkpointer.latest_step() is not None:
-    state, _ = checkpointer.restore(None, setup.abstract_state)
-    # Every host's saved shard states, merged: the shards may now be read by other hosts.
-    data_states = checkpointer.restore_data_states(checkpointer.latest_step())
-    try:
-      train_iter.set_state(data_states)
-    except ValueError as e:
-      logging.warning("data iterator starts afresh: %s", e)
+    # The newest step that restores (config.checkpoint.fallback), its state and every host's
+    # saved shard states from that same step, merged: the shards may now be read by others.
+    resumed = checkpointer.resume(setup.abstract_state)
+    state = resumed.state
+    if resumed.data_states is not None:
+      try:
+        train_iter.set_state(resumed.data_states)
+      except ValueError as e:
+        logging.warning("data iterator starts afresh: %s", e)
     logging.info("resumed from step %d", int(state["step"]))
     return state
   state = setup.fresh_state()
@@ -70,11 +73,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `stop_after` ends this process at that step with a checkpoint, as a preemption would, without
   changing the schedule: rerunning resumes and finishes the same run.
   """
-  # --- Start-up and setup -----------------------------------------------------------------
+  # --- Start-up: the workdir's lock and config check, before anything in it is touched -----
   maybe_initialize_distributed()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   stage = get_stage(config.objective.name)
+  with open_run(config, workdir, stage.model_kind):
+    return _train_locked(config, workdir, stage, stop_after)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
+                  stop_after: int | None) -> dict[str, float]:
+  """`train_and_evaluate` once the run holds its workdir."""
+  # --- Setup ------------------------------------------------------------------------------
   setup = build_setup(config, stage)
   mesh, rules = setup.mesh, setup.rules
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)

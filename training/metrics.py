@@ -180,8 +180,9 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
 def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any]) -> str:
   """One progress line, e.g. `step   120/600 | loss 3.412 | lr 2.9e-03 | 12,345 tok/s`.
 
-  Shows `train/loss`, `train/accuracy`, `eval/loss` (the latest), `train/lr`, `perf/tokens_per_sec` and `perf/mfu` (a
-  fraction, shown in percent) when present in `metrics`.
+  Shows `train/loss`, `train/accuracy`, `eval/loss` (the latest), `train/lr`,
+  `perf/tokens_per_sec` and `perf/mfu` (a fraction, shown in percent) when present in
+  `metrics`.
   """
   width = max(5, len(str(total_steps)))
   parts = [f"step {step:>{width}}/{total_steps}"]

@@ -64,8 +64,9 @@ def make_train_step(spec: ModelSpec, loss_fn: LossFn, optimizer: optax.GradientT
   """Returns `step(state, batch, frozen_params={}) -> (state, metrics)`, jitted over `mesh`.
 
   `frozen_params` maps the names of `frozen_specs` to their params (not trained, not donated).
-  `metrics` holds `(sum, weight)` pairs from the objective plus scalars `grad_norm` and `lr`
-  (as `(value, 1)`), so the caller can average them over steps exactly.
+  `metrics` holds `(sum, weight)` pairs from the objective plus scalars `grad_norm`, `lr` and
+  `nonfinite` (1 when the loss or gradient norm was not finite and the update was dropped; as
+  `(value, 1)`), so the caller can average them over steps exactly.
   """
   frozen_specs = frozen_specs or {}
 
@@ -102,12 +103,21 @@ def make_train_step(spec: ModelSpec, loss_fn: LossFn, optimizer: optax.GradientT
         (grads, metrics), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics), (micro, rngs))
       weight = jnp.maximum(metrics["loss"][1], 1.0)
       grads = jax.tree.map(lambda g: g / weight, grads)
+      grad_norm = optax.tree.norm(grads)
       updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-      new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+      # A non-finite loss or gradient norm drops the whole update: params and optimizer state
+      # stay as they were, so no checkpoint can hold non-finite values; the step still counts
+      # and `nonfinite` tells the loop (training/outer_loop.py), which stops or skips. The
+      # select fuses into the update's elementwise ops: a finite step computes what it did.
+      finite = jnp.isfinite(metrics["loss"][0]) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      new_state = {"params": keep(optax.apply_updates(params, updates), params),
+                   "opt_state": keep(opt_state, state["opt_state"]),
                    "step": state["step"] + 1, "rng": rng}
       one = jnp.ones((), jnp.float32)
-      metrics = dict(metrics, grad_norm=(optax.tree.norm(grads), one),
-                     lr=(jnp.asarray(schedule(state["step"]), jnp.float32), one))
+      metrics = dict(metrics, grad_norm=(grad_norm, one),
+                     lr=(jnp.asarray(schedule(state["step"]), jnp.float32), one),
+                     nonfinite=(1.0 - finite.astype(jnp.float32), one))
       return new_state, metrics
 
   data_sharding = batch_sharding(mesh, rules)

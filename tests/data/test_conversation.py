@@ -85,6 +85,12 @@ def test_feedback_and_prompts(tmp_path):
     ("preferences", {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"},
      "wrong_type"),
     ("feedback", {"prompt": "q", "completion": "a", "label": "yes"}, "wrong_type"),
+    ("preferences", {"prompt": "q", "chosen": "Same.", "rejected": " Same.\n"}, "same_answer"),
+    ("preferences", {"conversations": [{"from": "user", "value": "q"},
+                                       {"from": "gpt", "value": "a", "label": "chosen"},
+                                       {"from": "gpt", "value": "b", "label": "rejected"},
+                                       {"from": "gpt", "value": "a", "label": "rejected"}]},
+     "same_answer"),
 ])
 def test_bad_records_name_file_and_line(tmp_path, kind, row, reason):
   good = {"sft": {"instruction": "a", "output": "b"},
@@ -98,3 +104,16 @@ def test_bad_records_name_file_and_line(tmp_path, kind, row, reason):
   counter = SkipCounter()
   assert len(list(read_records(path, kind, skip_invalid=True, counter=counter))) == 2
   assert counter.skipped == 1 and counter.reasons[reason] == 1
+
+
+def test_same_answer_names_the_turns(tmp_path):
+  turns = [{"from": "user", "value": "q"}, {"from": "gpt", "value": "x", "label": "rejected"},
+           {"from": "gpt", "value": "x", "label": "chosen"}]
+  path = write(tmp_path, [{"conversations": turns}])
+  with pytest.raises(RecordError, match=r"r\.jsonl:1: turns 2 \(chosen\) and 1 \(rejected\) "
+                     "are the same text"):
+    list(read_records(path, "preferences"))
+  path = write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                          {"prompt": "q", "chosen": "a", "rejected": "a"}])
+  with pytest.raises(RecordError, match=r"r\.jsonl:2: 'chosen' and 'rejected' are the same"):
+    list(read_records(path, "preferences"))

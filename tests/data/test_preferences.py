@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data import preferences
+from data import preferences, records
 from data.chat_template import render_completion, render_prompt
 from data.conversation import Feedback, PreferencePair, Turn
 from data.records import RecordError
@@ -143,6 +143,27 @@ def test_bad_records_name_file_and_line_or_are_skipped(tiny_tokenizer, tmp_path)
                                    "wrong_type": 1}
   batch = _batches(config, tiny_tokenizer, None)[0]
   assert sorted(set(batch["margins"][batch["sides"] == 1].tolist())) == [0.0, 2.0]
+
+
+def test_pairs_with_the_same_answer_are_rejected_or_skipped_and_logged(tmp_path, monkeypatch):
+  warnings = []
+  monkeypatch.setattr(records.logging, "warning",
+                      lambda message, *args: warnings.append(message % args))
+  same = {"prompt": "Name a prime.", "chosen": "11.", "rejected": "11."}
+  sharegpt_same = {"conversations": [{"from": "user", "value": "Hi?"},
+                                     {"from": "gpt", "value": "Hello.", "label": "chosen"},
+                                     {"from": "gpt", "value": "Hello.", "label": "rejected"}]}
+  good = [{"prompt": f"Name prime {i}.", "chosen": "11.", "rejected": "12."} for i in range(8)]
+  path = tmp_path / "prefs.jsonl"
+  path.write_text("".join(json.dumps(line) + "\n" for line in good + [same, sharegpt_same]))
+  config = data_config(source="files", train_files=str(path), eval_files=str(path))
+  with pytest.raises(RecordError, match=f"{path}:9: 'chosen' and 'rejected' are the same text"):
+    preferences.load_examples(config, "preferences", "eval")
+  config.skip_invalid = True
+  examples, counter = preferences.load_examples(config, "preferences", "eval")
+  assert len(examples) == 8 and dict(counter.reasons) == {"same_answer": 2}
+  # 2 of 10 records is above the 10% share: the file is named in a warning of its own.
+  assert f"{path}: skipped 2 of 10 records (20%) {{'same_answer': 2}}" in warnings
 
 
 def test_reference_table_must_match_the_examples(tiny_tokenizer, tmp_path):

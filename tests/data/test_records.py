@@ -87,3 +87,45 @@ def test_jsonl_hook_for_other_formats(tmp_path):
   assert dict(counter.reasons) == {"missing_field": 1}
   with pytest.raises(records.RecordError, match=r"rl.jsonl:3: missing field 'prompt'"):
     list(records.iter_jsonl_records(path, validate))
+
+
+def test_bytes_that_are_not_utf8_are_a_located_record_error(tmp_path):
+  path = tmp_path / "latin.jsonl"
+  path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n{"text": "after"}\n')
+  with pytest.raises(records.RecordError) as info:
+    list(records.iter_text_records(str(path)))
+  assert str(info.value) == (f"{path}:2: not valid UTF-8 (byte 0xe9 at byte 14 of the line)")
+  assert info.value.reason == "bad_utf8"
+  counter = records.SkipCounter()
+  assert list(records.iter_text_records(str(path), skip_invalid=True, counter=counter)) == [
+      "ok", "after"]
+  assert dict(counter.reasons) == {"bad_utf8": 1}
+
+
+def test_txt_lines_that_are_not_utf8(tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_bytes(b"line one\n\nline \xff two\nline three\n\nline four\n")
+  with pytest.raises(records.RecordError, match=r"notes\.txt:3: not valid UTF-8"):
+    list(records.iter_text_records(str(path)))
+  counter = records.SkipCounter()
+  assert list(records.iter_text_records(str(path), skip_invalid=True, counter=counter)) == [
+      "line one", "line three", "line four"]
+  # As blocks, the document holding the bad line is skipped whole, counted once.
+  blocks = records.SkipCounter()
+  assert list(records.iter_text_records(str(path), txt_blocks=True, skip_invalid=True,
+                                        counter=blocks)) == ["line one", "line four"]
+  assert (counter.skipped, blocks.skipped) == (1, 1)
+  with pytest.raises(records.RecordError, match=r"notes\.txt:3: "):
+    list(records.iter_txt(str(path), blocks=True))
+
+
+def test_a_file_mostly_skipped_is_logged_with_its_share(tmp_path, monkeypatch):
+  warnings = []
+  monkeypatch.setattr(records.logging, "warning",
+                      lambda message, *args: warnings.append(message % args))
+  few = _write(tmp_path / "few.jsonl", ['{"text": "t"}'] * 10 + ["{bad"])
+  list(records.iter_text_records(few, skip_invalid=True))
+  assert warnings == []  # 1 of 11 is under the 10% share
+  many = _write(tmp_path / "many.jsonl", ['{"text": "t"}'] * 8 + ["{bad", "[1]"])
+  list(records.iter_text_records(many, skip_invalid=True))
+  assert warnings == [f"{many}: skipped 2 of 10 records (20%) {{'bad_json': 1, 'not_object': 1}}"]

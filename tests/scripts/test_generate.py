@@ -18,8 +18,9 @@ from data.records import RecordError
 from data.tokenizer import Tokenizer, train_sentencepiece
 from models.build import build_model_spec
 from models.sampler import generate
+from scripts import generate as generate_script
 from scripts.chat import ChatSession, chat
-from scripts.generate import completion_text, generate_file, load_decoder
+from scripts.generate import Generated, completion_text, generate_file, load_decoder
 from training.checkpoint import Checkpointer, checkpoint_dir
 
 MAX_NEW = 12
@@ -27,15 +28,14 @@ PROMPTS = [{"prompt": "The river town"}, {"prompt": "Mara sells", "answer": "sal
            {"prompt": "In spring the caravan"}, {"prompt": "Copper"}, {"prompt": "A ledger"}]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def make_run_dir(workdir, **model):
   """config.json + tokenizer/spm.model + a step-3 checkpoint of random params."""
-  workdir = str(tmp_path_factory.mktemp("run"))
+  workdir = str(workdir)
   tok_path = train_sentencepiece(tiny_world.generate_documents("train", 300),
                                  os.path.join(workdir, "tokenizer", "spm"), 384)
   config = get_config("tiny")
-  config.model.update(dict(vocab_size=384, d_model=32, num_layers=2, num_heads=4,
-                           num_kv_heads=2, mlp_dim=64, max_length=64))
+  config.model.update(dict(dict(vocab_size=384, d_model=32, num_layers=2, num_heads=4,
+                                num_kv_heads=2, mlp_dim=64, max_length=64), **model))
   config.data.tokenizer_vocab_size = 384
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config.to_dict(), f)
@@ -44,6 +44,11 @@ def run_dir(tmp_path_factory):
     ckpt.save(3, {"params": params, "step": np.int32(3)}, force=True)
   assert Tokenizer.load(tok_path).vocab_size == 384
   return workdir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  return make_run_dir(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +71,8 @@ def read_jsonl(path):
 def test_generate_file_writes_greedy_completions(model, prompts_file, tmp_path):
   out = str(tmp_path / "out.jsonl")
   # batch_size 2: three batches, the last filled up with a copy and trimmed back.
-  assert generate_file(model, prompts_file, out, max_new_tokens=MAX_NEW, batch_size=2) == 5
+  assert generate_file(model, prompts_file, out, max_new_tokens=MAX_NEW,
+                       batch_size=2) == Generated(count=5, truncated=0)
   lines = read_jsonl(out)
   assert [line["prompt"] for line in lines] == [p["prompt"] for p in PROMPTS]
   assert [line.get("answer") for line in lines] == [None, "salt", None, None, None]
@@ -119,6 +125,69 @@ def test_chat_template_prompts_and_bad_lines(model, tmp_path):
   bad.write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')
   with pytest.raises(RecordError, match=r"bad\.jsonl:2: missing field 'prompt'"):
     generate_file(model, str(bad), out)
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+    (dict(temperature=-1.0), "temperature must be >= 0, got -1.0"),
+    (dict(top_k=-1), "top_k must be >= 0, got -1"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+])
+def test_bad_settings_fail_before_the_output_is_touched(model, prompts_file, tmp_path, setting,
+                                                        message):
+  out = tmp_path / "out.jsonl"
+  out.write_text("earlier run\n")
+  with pytest.raises(ValueError, match=message):
+    generate_file(model, prompts_file, str(out), **setting)
+  assert out.read_text() == "earlier run\n"
+
+
+def test_a_failure_midway_keeps_the_earlier_output(model, tmp_path):
+  out = tmp_path / "out.jsonl"
+  out.write_text("earlier run\n")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')
+  with pytest.raises(RecordError):
+    generate_file(model, str(bad), str(out))
+  assert out.read_text() == "earlier run\n"
+  assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "out.jsonl"]  # no temporary file left
+
+
+def test_cli_rejects_bad_settings_in_one_line(run_dir, prompts_file, tmp_path):
+  out = tmp_path / "out.jsonl"
+  out.write_text("earlier run\n")
+  cmd = [sys.executable, "-m", "scripts.generate", f"--workdir={run_dir}",
+         f"--prompts={prompts_file}", f"--output={out}", "--max_new_tokens=0", "--top_p=0"]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: max_new_tokens must be >= 1, got 0; top_p must be in (0, 1], got 0.0")
+  assert out.read_text() == "earlier run\n"
+
+
+def test_learned_positions_cut_long_prompts_keeping_the_end(tmp_path, monkeypatch):
+  model = load_decoder(make_run_dir(tmp_path / "run", position="learned", max_length=32))
+  warnings = []
+  monkeypatch.setattr(generate_script.logging, "warning",
+                      lambda message, *args: warnings.append(message % args))
+  long_prompt = " ".join(["The river town trades salt for copper every spring."] * 4)
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Copper", long_prompt]))
+  out = str(tmp_path / "out.jsonl")
+  # 32 positions - 8 new tokens leave 24 for the prompt.
+  done = generate_file(model, str(path), out, max_new_tokens=8, batch_size=2)
+  assert done == Generated(count=2, truncated=1)
+  assert len(warnings) == 1 and f"{path}: prompt 2 has " in warnings[0]
+  tok = model.tokenizer
+  ids = tok.encode(long_prompt, add_bos=True)
+  kept = ids[:1] + ids[len(ids) - 23:]  # BOS and the last 23 tokens
+  direct = generate(model.spec, model.params, [kept], max_new_tokens=8, eos_id=tok.eos_id,
+                    stop_ids=[tok.eos_id])
+  assert read_jsonl(out)[1]["tokens"] == direct.tokens[0, :direct.lengths[0]].tolist()
+  with pytest.raises(ValueError, match="max_new_tokens 31 leaves no room for a prompt"):
+    generate_file(model, str(path), out, max_new_tokens=31)
 
 
 def test_chat_keeps_the_conversation(model):

@@ -1,15 +1,21 @@
-"""Tests for training/checkpoint.py: round trips, keep-N, resharding, partial and safe restores."""
+"""Tests for training/checkpoint.py: round trips, keep-N, resharding, partial and safe restores,
+damaged checkpoints and failed background saves."""
 
+import errno
+import logging
 import os
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
+from orbax.checkpoint._src.path import atomicity
 import pytest
 
-from training.checkpoint import Checkpointer, checkpoint_dir
+from training.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 
 
 def _mesh(shape, names):
@@ -216,3 +222,171 @@ def test_interrupted_saves_are_ignored(tmp_path):
   restored, _ = ckpt.restore(3, abstract)
   np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), [3.0, 3.0])
   ckpt.close()
+
+
+# --- Damaged checkpoints ------------------------------------------------------------------
+
+def _truncate_arrays(step_dir):
+  for root, _, files in os.walk(step_dir / "state" / "d"):
+    for name in files:
+      path = os.path.join(root, name)
+      os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _remove(relative):
+  return lambda step_dir: os.remove(step_dir / relative)
+
+
+_DAMAGE = {
+    "truncated array file": (_truncate_arrays, "state: ValueError"),
+    "missing _METADATA": (_remove("state/_METADATA"), "state/_METADATA missing"),
+    "missing manifest.ocdbt": (_remove("state/manifest.ocdbt"), "state/manifest.ocdbt missing"),
+}
+
+
+def _two_steps(directory, **options):
+  """Steps 10 and 20 of `{"w": step}` with data states `{"at": step}`; a fresh Checkpointer."""
+  ckpt = Checkpointer(str(directory), save_every=10)
+  for step in (10, 20):
+    assert ckpt.save(step, {"w": jnp.full((4,), float(step))}, {"at": step})
+  ckpt.close()
+  return Checkpointer(str(directory), save_every=10, **options)
+
+
+def _w_target():
+  sharding = NamedSharding(_mesh((8,), ("x",)), P())
+  return {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)}
+
+
+@pytest.mark.parametrize("damage", sorted(_DAMAGE))
+def test_damaged_latest_step_falls_back_to_the_older_one(tmp_path, caplog, damage):
+  mutate, _ = _DAMAGE[damage]
+  ckpt = _two_steps(tmp_path, fallback=True)
+  mutate(tmp_path / "20")
+  with caplog.at_level(logging.WARNING):
+    resumed = ckpt.resume(_w_target())
+  assert resumed.step == 10 and resumed.data_states == [{"at": 10}]
+  np.testing.assert_array_equal(np.asarray(resumed.state["w"]), [10.0] * 4)
+  messages = [record.getMessage() for record in caplog.records]
+  skipped = [m for m in messages if "Skipping checkpoint step 20" in m]
+  assert len(skipped) == 1 and str(tmp_path / "20") in skipped[0]
+  # Moved aside, so the run saves step 20 again and the damaged files stay for inspection.
+  assert ckpt.all_steps() == [10]
+  assert [n for n in os.listdir(tmp_path) if n.startswith("20.unrestorable-")]
+  assert ckpt.save(20, {"w": jnp.full((4,), 21.0)}, {"at": 21})
+  state, data_state = ckpt.restore(None, _w_target())
+  assert data_state == {"at": 21} and float(state["w"][0]) == 21.0
+  ckpt.close()
+
+
+@pytest.mark.parametrize("damage", sorted(_DAMAGE))
+def test_damaged_latest_step_without_fallback_names_the_step(tmp_path, damage):
+  mutate, cause = _DAMAGE[damage]
+  ckpt = _two_steps(tmp_path, fallback=False)
+  mutate(tmp_path / "20")
+  for restore in (lambda: ckpt.restore(None, _w_target()), lambda: ckpt.resume(_w_target())):
+    with pytest.raises(CheckpointError) as raised:
+      restore()
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint {tmp_path / '20'} cannot be restored: {cause}")
+    assert "\n" not in message and raised.value.path == str(tmp_path / "20")
+  assert ckpt.all_steps() == [10, 20]  # nothing moved without fallback
+  ckpt.close()
+  if damage != "truncated array file":  # found before reading: params-only restores too
+    with pytest.raises(CheckpointError, match=cause):
+      Checkpointer.restore_params(str(tmp_path), _w_target())
+
+
+def test_every_step_damaged_is_an_error_even_with_fallback(tmp_path):
+  ckpt = _two_steps(tmp_path, fallback=True)
+  os.remove(tmp_path / "10" / "state" / "manifest.ocdbt")
+  os.remove(tmp_path / "20" / "state" / "manifest.ocdbt")
+  with pytest.raises(CheckpointError, match="no older step restores either"):
+    ckpt.resume(_w_target())
+  assert ckpt.all_steps() == [10, 20]
+  ckpt.close()
+
+
+def _corrupt_data(step_dir):
+  for name in os.listdir(step_dir / "data_0"):
+    (step_dir / "data_0" / name).write_text("{not json")
+
+
+_DATA_DAMAGE = {"missing": lambda d: shutil.rmtree(d / "data_0"), "corrupt": _corrupt_data}
+
+
+@pytest.mark.parametrize("damage", sorted(_DATA_DAMAGE))
+def test_damaged_data_state_is_an_error_naming_the_step(tmp_path, damage):
+  ckpt = _two_steps(tmp_path, fallback=False)
+  _DATA_DAMAGE[damage](tmp_path / "20")
+  for restore in (lambda: ckpt.resume(_w_target()), lambda: ckpt.restore(20, _w_target()),
+                  lambda: ckpt.restore_data_states(20)):
+    with pytest.raises(CheckpointError,
+                       match=rf"^checkpoint {tmp_path / '20'} cannot be restored: data iterator"):
+      restore()
+  ckpt.close()
+
+
+@pytest.mark.parametrize("damage", sorted(_DATA_DAMAGE))
+def test_damaged_data_state_falls_back_or_starts_a_fresh_iterator(tmp_path, damage):
+  ckpt = _two_steps(tmp_path, fallback=True)
+  _DATA_DAMAGE[damage](tmp_path / "20")
+  resumed = ckpt.resume(_w_target())  # the older step has the data order: exact resume
+  assert resumed.step == 10 and resumed.data_states == [{"at": 10}]
+  ckpt.close()
+
+  ckpt = _two_steps(tmp_path / "fresh", fallback=True, fresh_data_iterator=True)
+  _DATA_DAMAGE[damage](tmp_path / "fresh" / "20")
+  resumed = ckpt.resume(_w_target())  # opted in: the newest state, a fresh iterator
+  assert resumed.step == 20 and resumed.data_states is None
+  assert float(resumed.state["w"][0]) == 20.0
+  assert ckpt.restore(20, _w_target())[1] is None and ckpt.restore_data_states(20) == []
+  ckpt.close()
+
+
+def test_resume_without_saved_data_state(tmp_path):
+  ckpt = Checkpointer(str(tmp_path), save_every=1, fresh_data_iterator=False)
+  assert ckpt.save(1, {"w": jnp.ones(4)})  # e.g. the RL loop saves no data state
+  resumed = ckpt.resume(_w_target())
+  assert resumed.step == 1 and resumed.data_states is None
+  ckpt.close()
+
+
+# --- Failed background saves ----------------------------------------------------------------
+
+@pytest.mark.parametrize("surface", ["check", "save"])
+def test_failed_async_save_surfaces_at_the_next_step_boundary(tmp_path, monkeypatch, surface):
+  # max_to_keep=1: orbax alone would prune step 1 when step 2's save ends, failed or not.
+  ckpt = Checkpointer(str(tmp_path), save_every=1, max_to_keep=1)
+  assert ckpt.save(1, {"w": jnp.full((4,), 1.0)}, {"at": 1})
+  ckpt.wait()
+
+  async def disk_full(self):
+    raise OSError(errno.ENOSPC, "No space left on device", str(self.get_final()))
+
+  # The final write of the save (commit marker, rename) fails as on a full disk, in the
+  # background thread; which class does it depends on the filesystem.
+  for temporary_path in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+    monkeypatch.setattr(temporary_path, "finalize", disk_full)
+  assert ckpt.save(2, {"w": jnp.full((4,), 2.0)}, {"at": 2})  # returns: the write is async
+  with pytest.raises(CheckpointError) as raised:
+    if surface == "check":
+      for _ in range(1000):  # the loop's steps, each calling check() until the save ends
+        ckpt.check()
+        time.sleep(0.01)
+    else:
+      ckpt.save(3, {"w": jnp.full((4,), 3.0)}, {"at": 3})
+  monkeypatch.undo()
+  message = str(raised.value)
+  assert message.startswith(f"checkpoint save of step 2 to {tmp_path / '2'} failed: OSError: ")
+  assert "No space left on device" in message and "latest good checkpoint is step 1" in message
+  assert "\n" not in message
+  ckpt.check()  # raised once: the loop's shutdown (wait, close) adds no second error
+  ckpt.close()
+
+  reopened = Checkpointer(str(tmp_path), save_every=1)
+  assert reopened.all_steps() == [1]
+  resumed = reopened.resume(_w_target())
+  assert resumed.step == 1 and resumed.data_states == [{"at": 1}]
+  np.testing.assert_array_equal(np.asarray(resumed.state["w"]), [1.0] * 4)
+  reopened.close()

@@ -40,7 +40,8 @@ from models.sampler import check_length
 from objectives.reductions import add_metrics, finalize_metrics
 from parallel.distributed import maybe_initialize_distributed
 from parallel.host_data import batch_shards, to_global
-from training.outer_loop import OuterLoop, StepResult, open_checkpointer, open_writer
+from training.outer_loop import (OuterLoop, StepResult, open_checkpointer, open_run,
+                                 open_writer)
 from training.rl import rewards
 from training.rl.algorithms import get_algorithm
 from training.rl.evaluation import Evaluator
@@ -218,11 +219,17 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str, *,
   config to reuse (its jitted functions are compiled already; tests run several workdirs).
   Returns the last figures.
   """
-  # --- Start-up and mesh ------------------------------------------------------------------
+  # --- Start-up: the workdir's lock and config check, before anything in it is touched -----
   maybe_initialize_distributed()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  with open_run(config, workdir, "decoder"):
+    return _train_rl_locked(config, workdir, stop_after, trainer)
 
+
+def _train_rl_locked(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None,
+                     trainer: RLTrainer | None) -> dict[str, float]:
+  """`train_rl` once the run holds its workdir."""
   # --- Prompts ----------------------------------------------------------------------------
   # The run's folder keeps its tokenizer, for later stages started from it.
   tokenizer = resolve_tokenizer(config.data, workdir)

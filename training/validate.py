@@ -1,0 +1,141 @@
+"""Config values that parse but cannot work, reported before anything is built.
+
+A locked config rejects unknown keys; this catches known keys with unworkable values, which
+would otherwise end in a ZeroDivisionError deep in the loop, a sharding error that does not
+name the key, a run that exits 0 having done nothing, or (learned positions read past their
+table) a loss that drifts to NaN. Every problem is one line naming the key, all at once:
+
+    invalid config (2 problems):
+      config.train.steps must be >= 1, got 0
+      config.train.log_every must be >= 1, got 0
+
+Stage configs differ (RL configs have `rl` and `eval`, supervised ones use the `data` batch),
+so only keys the config has are checked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+
+from parallel.mesh import mesh_shape
+from parallel.rules import MESH_AXES, RULE_PRESETS
+
+
+
+class ConfigError(ValueError):
+  """Config values that cannot work; `problems` holds one line per bad key."""
+
+  def __init__(self, problems: list[str]):
+    self.problems = list(problems)
+    noun = "problem" if len(problems) == 1 else "problems"
+    super().__init__(f"invalid config ({len(problems)} {noun}):\n  " + "\n  ".join(problems))
+
+
+def _at_least(config, path: str, low: float, problems: list[str], *, strict: bool = False):
+  """Appends a problem when `config.<path>` exists and is below `low` (or not above it)."""
+  value = _get(config, path)
+  if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+    return value
+  if value < low or (strict and value == low):
+    problems.append(f"config.{path} must be {'>' if strict else '>='} {low}, got {value}")
+  return value
+
+
+def _get(config, path: str):
+  node = config
+  for key in path.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
+      return None
+    node = node[key]
+  return node
+
+
+def batch_ways(mesh_config, device_count: int, num_slices: int, problems: list[str]
+               ) -> int | None:
+  """How many ways the global batch splits over the mesh `mesh_config` resolves to on
+  `device_count` devices in `num_slices` slices (parallel/mesh.py `mesh_shape`, the rules'
+  `batch` axes); None, with a problem, if the mesh does not fit."""
+  try:
+    ici, dcn = mesh_shape(mesh_config, device_count, num_slices)
+  except ValueError as e:  # its message names config.mesh and the sizes
+    problems.append(str(e))
+    return None
+  rules = RULE_PRESETS.get(mesh_config.get("rules"))
+  if rules is None:
+    problems.append(f"config.mesh.rules: unknown {mesh_config.get('rules')!r}; choose one of "
+                    f"{sorted(RULE_PRESETS)}")
+    return None
+  sizes = {axis: i * d for axis, i, d in zip(MESH_AXES, ici, dcn)}
+  return math.prod(sizes[axis] for axis in rules["batch"])
+
+
+def _devices() -> tuple[int, int]:
+  devices = jax.devices()
+  return len(devices), 1 + max(getattr(d, "slice_index", 0) or 0 for d in devices)
+
+
+def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None,
+                    num_slices: int = 1) -> list[str]:
+  """Every unworkable value of `config`, one line each naming its key (empty: none found).
+
+  Args:
+    config: a stage config (configs/*.py `get_config`, overrides applied).
+    device_count: devices the mesh is built on; None counts `jax.devices()` (and their
+      slices), so a multi-host job must start jax.distributed first.
+    num_slices: slices of `device_count` (with an explicit `device_count`).
+  """
+  problems: list[str] = []
+  rl = "rl" in config
+  _at_least(config, "train.steps", 1, problems)
+  _at_least(config, "train.log_every", 1, problems)
+  eval_every = _at_least(config, "train.eval_every", 0, problems)
+  if not rl and isinstance(eval_every, int) and eval_every > 0:
+    # RL stages evaluate `eval.num_prompts` prompts; supervised ones `eval_steps` batches.
+    _at_least(config, "train.eval_steps", 1, problems)
+  accum = _at_least(config, "train.grad_accum_steps", 1, problems)
+  _at_least(config, "optimizer.lr", 0, problems, strict=True)
+  _at_least(config, "optimizer.warmup_steps", 0, problems)
+  _at_least(config, "checkpoint.every_steps", 0, problems)
+  _at_least(config, "checkpoint.max_to_keep", 1, problems)
+  if _get(config, "lora.enabled"):
+    _at_least(config, "lora.rank", 1, problems)
+  seq_len = _at_least(config, "data.seq_len", 1, problems)
+  learned = _get(config, "model.position") == "learned"
+  max_length = _get(config, "model.max_length")
+  if rl:
+    prompt_len = _at_least(config, "rl.max_prompt_len", 1, problems)
+    for path in ("rl.max_new_tokens", "eval.max_new_tokens"):
+      new = _at_least(config, path, 1, problems)
+      if learned and isinstance(prompt_len, int) and isinstance(new, int) and (
+          prompt_len + new > max_length):
+        problems.append(f"config.rl.max_prompt_len {prompt_len} + config.{path} {new} exceeds "
+                        f"config.model.max_length {max_length} (learned positions)")
+  elif learned and isinstance(seq_len, int) and seq_len > max_length:
+    problems.append(f"config.data.seq_len {seq_len} exceeds config.model.max_length "
+                    f"{max_length} (learned positions have no row for the later tokens)")
+  batch = None if rl else _at_least(config, "data.global_batch_size", 1, problems)
+  if isinstance(batch, int) and batch >= 1:
+    if isinstance(accum, int) and accum >= 1 and batch % accum:
+      problems.append(f"config.data.global_batch_size {batch} must be divisible by "
+                      f"config.train.grad_accum_steps {accum}")
+    if "mesh" in config:
+      if device_count is None:
+        device_count, num_slices = _devices()
+      ways = batch_ways(config.mesh, device_count, num_slices, problems)
+      if ways is not None and batch % ways:
+        problems.append(f"config.data.global_batch_size {batch} must be divisible by the "
+                        f"{ways} data-parallel ways of the mesh on {device_count} devices "
+                        f"(config.mesh {' x '.join(RULE_PRESETS[config.mesh.rules]['batch'])}, "
+                        "times their dcn_ sizes)")
+  return problems
+
+
+def check_config(config: ml_collections.ConfigDict, device_count: int | None = None,
+                 num_slices: int = 1) -> None:
+  """Raises `ConfigError` listing every problem `validate_config` finds."""
+  problems = validate_config(config, device_count, num_slices)
+  if problems:
+    raise ConfigError(problems)
