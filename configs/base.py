@@ -123,9 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=500,
       eval_steps=10,
       log_every=10,
-      # A step whose loss or gradient norm is not finite never changes the params (training/
-      # step.py); then 'stop' ends the run with an error naming the step, before any later
-      # checkpoint, and 'skip' goes on and counts it (train/nonfinite), stopping only after
+      # A step whose loss or gradient norm is not finite: 'stop' ends the run with an error
+      # naming the step, before any later checkpoint; 'skip' drops that step's update
+      # (training/step.py), counts it (train/nonfinite) and goes on, stopping only after
       # `max_nonfinite_skips` such steps in a row.
       nonfinite="stop",
       max_nonfinite_skips=10,

@@ -142,23 +142,32 @@ def iter_jsonl_records(patterns: str, validate: Callable[[Any], T], *,
 
 def _validated_jsonl(path: str, validate: Callable[[Any], T], skip_invalid: bool,
                      counter: SkipCounter) -> Iterator[T]:
-  local = SkipCounter()
-  kept = 0
-  for line_no, obj in _iter_jsonl_or_errors(path):
-    error = obj if isinstance(obj, RecordError) else None
-    if error is None:
+  def records():
+    for line_no, obj in _iter_jsonl_or_errors(path):
+      if isinstance(obj, RecordError):
+        yield obj
+        continue
       try:
-        record = validate(obj)
+        yield validate(obj)
       except InvalidRecord as e:
-        error = RecordError(path, line_no, e.reason, e.detail)
-    if error is None:
+        yield RecordError(path, line_no, e.reason, e.detail)
+  yield from _keep_valid(path, records(), skip_invalid, counter)
+
+
+def _keep_valid(path: str, items: Iterator, skip_invalid: bool,
+                counter: SkipCounter) -> Iterator:
+  """The items of a file that are not `RecordError`s; an error raises, or with `skip_invalid`
+  is skipped and counted (in `counter` and, for the share warning, per file)."""
+  local, kept = SkipCounter(), 0
+  for item in items:
+    if not isinstance(item, RecordError):
       kept += 1
-      yield record
+      yield item
     elif skip_invalid:
-      local.add(error.reason)
-      counter.add(error.reason)
+      local.add(item.reason)
+      counter.add(item.reason)
     else:
-      raise error
+      raise item
   _warn_if_mostly_skipped(path, kept, local)
 
 
@@ -261,14 +270,5 @@ def iter_text_records(patterns: str, text_field: str = "text", txt_blocks: bool 
 
 def _checked_txt(path: str, blocks: bool, skip_invalid: bool,
                  counter: SkipCounter) -> Iterator[str]:
-  local, kept = SkipCounter(), 0
-  for _, text in _iter_txt_or_errors(path, blocks):
-    if not isinstance(text, RecordError):
-      kept += 1
-      yield text
-    elif skip_invalid:
-      local.add(text.reason)
-      counter.add(text.reason)
-    else:
-      raise text
-  _warn_if_mostly_skipped(path, kept, local)
+  texts = (text for _, text in _iter_txt_or_errors(path, blocks))
+  yield from _keep_valid(path, texts, skip_invalid, counter)

@@ -1,6 +1,7 @@
 """Checkpoints: a thin wrapper over orbax's `CheckpointManager` (async saves, keep the last N).
 
-Layout of a run's checkpoints (`checkpoint_dir(workdir)`):
+Layout of a run's checkpoints (configs/run_layout.py `checkpoint_dir(workdir)`; the step
+directory's files and what makes one unrestorable: training/checkpoint_files.py):
 
     {workdir}/checkpoints/{step}/
         state/               train state pytree (params, opt_state, step, rng, ...), OCDBT
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any
 
@@ -45,50 +45,12 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from training.checkpoint_files import (STATE_ITEM, CheckpointError, absolute_path,
+                                       check_state_files, data_item, finalized_steps, one_line,
+                                       resolve_step_dir, saved_items, step_name_format,
+                                       unrestorable)
+
 PyTree = Any
-
-_STATE_ITEM = "state"
-_COMMIT_MARKER = "commit_success.txt"
-# Written by every save of the state item (OCDBT); a step without them cannot be restored.
-_STATE_FILES = ("_METADATA", "manifest.ocdbt")
-_STEP_METADATA = "_CHECKPOINT_METADATA"
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be restored, or a save that failed; the message is one line
-  naming the step directory and the cause."""
-
-  def __init__(self, path: epath.Path | str, message: str):
-    super().__init__(message)
-    self.path = str(path)
-
-
-def _unrestorable(path: epath.Path, problem: str) -> CheckpointError:
-  return CheckpointError(path, f"checkpoint {path} cannot be restored: {problem}")
-
-
-def _one_line(error: BaseException) -> str:
-  """`Type: first line of the message`, short: tensorstore errors carry whole JSON specs."""
-  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-  text = text if len(text) <= 240 else text[:240] + "..."
-  return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _saved_items(step_dir: epath.Path) -> set[str]:
-  """The items a step's save wrote, from its metadata; what is on disk if that is unreadable."""
-  try:
-    return set(json.loads((step_dir / _STEP_METADATA).read_text())["item_handlers"])
-  except (OSError, ValueError, KeyError, TypeError):
-    return {p.name for p in step_dir.iterdir() if p.is_dir()}
-
-
-def _check_state_files(step_dir: epath.Path) -> None:
-  # Orbax restores some of these cases anyway or fails with a tensorstore error naming only
-  # an array: checking first gives one clear cause.
-  missing = [f"{_STATE_ITEM}/{name}" for name in _STATE_FILES
-             if not (step_dir / _STATE_ITEM / name).exists()]
-  if missing:
-    raise _unrestorable(step_dir, f"{', '.join(missing)} missing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,35 +78,6 @@ class _Manager(ocp.CheckpointManager):
       raise
 
 
-def checkpoint_dir(workdir: str) -> str:
-  """Returns where a run in `workdir` keeps its checkpoints: `{workdir}/checkpoints`."""
-  return os.path.join(workdir, "checkpoints")
-
-
-def _data_item(process_index: int) -> str:
-  return f"data_{process_index}"
-
-
-def _absolute(directory: str) -> epath.Path:
-  # Orbax rejects relative paths; remote paths (gs://...) are absolute already.
-  if "://" not in str(directory):
-    directory = os.path.abspath(directory)
-  return epath.Path(directory)
-
-
-def _step_name_format() -> ocp.step.NameFormat:
-  # Steps are found through the commit-file check on every filesystem, not only on GCS: a
-  # step directory without its marker is an interrupted write, never a checkpoint.
-  return ocp.step.standard_name_format(
-      temporary_path_cls=ocp.path.atomicity.CommitFileTemporaryPath)
-
-
-def _finalized_steps(directory: epath.Path) -> list[int]:
-  if not directory.exists():
-    return []
-  return sorted(m.step for m in _step_name_format().find_all(directory))
-
-
 def _gather_data_states(data_state: dict | None) -> list[dict | None]:
   """Returns every process's data state, indexed by process (a collective on multi-host).
 
@@ -161,23 +94,6 @@ def _gather_data_states(data_state: dict | None) -> list[dict | None]:
   buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
   buffers = np.asarray(multihost_utils.process_allgather(buffer))
   return [json.loads(bytes(buffers[i, :n])) for i, n in enumerate(lengths)]
-
-
-def _resolve_step_dir(path: str) -> epath.Path:
-  """Finds the step directory meant by a workdir, a checkpoints directory or a step directory."""
-  root = _absolute(path)
-  if (root / _STATE_ITEM).is_dir():
-    if not (root / _COMMIT_MARKER).exists():
-      raise FileNotFoundError(f"{root} is an incomplete checkpoint (no {_COMMIT_MARKER}).")
-    _check_state_files(root)
-    return root
-  if (root / "checkpoints").is_dir():
-    root = root / "checkpoints"
-  steps = _finalized_steps(root)
-  if not steps:
-    raise FileNotFoundError(f"No complete checkpoint under {path}.")
-  _check_state_files(root / str(steps[-1]))
-  return root / str(steps[-1])
 
 
 class Checkpointer:
@@ -222,7 +138,7 @@ class Checkpointer:
       fresh_data_iterator: a missing or unreadable data iterator state is not an error: the
         state is restored and the data iterator starts afresh (a different data order).
     """
-    self.directory = _absolute(directory)
+    self.directory = absolute_path(directory)
     self.save_every = save_every
     self.max_to_keep = max_to_keep
     self.fallback = fallback
@@ -235,7 +151,7 @@ class Checkpointer:
         max_to_keep=None,
         # `save` decides itself (and passes force=True), so orbax's interval policy is unused.
         save_interval_steps=1,
-        step_name_format=_step_name_format(),
+        step_name_format=step_name_format(),
         # Tmp directories of saves that never finished are garbage; orbax deletes them on save.
         cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save,
@@ -282,7 +198,7 @@ class Checkpointer:
     # The failed step directory has no commit marker: re-listing drops it from the steps.
     self._manager.reload()
     path = self.directory / str(step)
-    message = (f"checkpoint save of step {step} to {path} failed: {_one_line(error)}; "
+    message = (f"checkpoint save of step {step} to {path} failed: {one_line(error)}; "
                f"the latest good checkpoint is step {self.latest_step()}")
     logging.error("%s", message)
     raise CheckpointError(path, message) from error
@@ -299,7 +215,7 @@ class Checkpointer:
       self._raise_save_failure()
     self._pending_step = None
     if self.max_to_keep > 0:
-      for step in _finalized_steps(self.directory)[:-self.max_to_keep]:
+      for step in finalized_steps(self.directory)[:-self.max_to_keep]:
         if step in self._manager.all_steps():
           self._manager.delete(step)
 
@@ -327,10 +243,10 @@ class Checkpointer:
     if step in self._manager.all_steps():
       logging.info("Checkpoint for step %d exists; not saving it again.", step)
       return False
-    items = {_STATE_ITEM: ocp.args.StandardSave(state)}
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
     for index, process_state in enumerate(_gather_data_states(data_state)):
       if process_state is not None:
-        items[_data_item(index)] = ocp.args.JsonSave(process_state)
+        items[data_item(index)] = ocp.args.JsonSave(process_state)
     self._pending_step = step
     saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     if saved:
@@ -435,11 +351,11 @@ class Checkpointer:
     `all_data`: every process's data states (a list) instead of this process's (or None).
     """
     step_dir = self.directory / str(step)
-    _check_state_files(step_dir)
+    check_state_files(step_dir)
     ok, error = True, None
     try:
       restored = self._manager.restore(
-          step, args=ocp.args.Composite(**{_STATE_ITEM: ocp.args.StandardRestore(
+          step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(
               abstract_state)}))
     except (ValueError, OSError, KeyError, TypeError) as e:  # tensorstore / orbax read errors
       ok, error = False, e
@@ -447,11 +363,11 @@ class Checkpointer:
       # Every process must pick the same step, even if a read failed on one of them only.
       ok = bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).all())
     if not ok:
-      cause = _one_line(error) if error is not None else "failed on another process"
-      raise _unrestorable(step_dir, f"{_STATE_ITEM}: {cause}") from error
+      cause = one_line(error) if error is not None else "failed on another process"
+      raise unrestorable(step_dir, f"{STATE_ITEM}: {cause}") from error
     data = self._restore_data(step_dir, all_data)
     logging.info("Restored checkpoint for step %d from %s.", step, self.directory)
-    return restored[_STATE_ITEM], data
+    return restored[STATE_ITEM], data
 
   def _restore_data(self, step_dir: epath.Path, all_data: bool) -> Any:
     """This process's data state (or every process's, a list) saved in `step_dir`.
@@ -459,9 +375,9 @@ class Checkpointer:
     Raises `CheckpointError` for a data state the save wrote that is now missing or
     unreadable, unless `fresh_data_iterator`: then None, with a warning.
     """
-    saved = sorted((name for name in _saved_items(step_dir) if name.startswith("data_")),
+    saved = sorted((name for name in saved_items(step_dir) if name.startswith("data_")),
                    key=lambda name: int(name.split("_")[1]))
-    names = saved if all_data else [n for n in saved if n == _data_item(jax.process_index())]
+    names = saved if all_data else [n for n in saved if n == data_item(jax.process_index())]
     if not all_data and saved and not names:
       logging.warning("Checkpoint %s has no data state for process %d (saved with fewer "
                       "processes?); the data iterator starts afresh.", step_dir,
@@ -479,9 +395,9 @@ class Checkpointer:
       if any(not isinstance(s, dict) for s in states):
         raise ValueError("not a JSON object")
     except (ValueError, OSError, KeyError, TypeError) as e:
-      problem = f"data iterator state: {_one_line(e)}"
+      problem = f"data iterator state: {one_line(e)}"
       if not self.fresh_data_iterator:
-        raise _unrestorable(step_dir, f"{problem} (set checkpoint.fresh_data_iterator=True "
+        raise unrestorable(step_dir, f"{problem} (set checkpoint.fresh_data_iterator=True "
                                       "to resume with a fresh data iterator)") from e
       logging.warning("Checkpoint %s: %s; the data iterator starts afresh "
                       "(checkpoint.fresh_data_iterator).", step_dir, problem)
@@ -514,7 +430,7 @@ class Checkpointer:
       CheckpointError: the (latest) step's files are damaged; no fallback here, the caller
         named this checkpoint.
     """
-    step_dir = _resolve_step_dir(path)
+    step_dir = resolve_step_dir(path)
     target = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(
         item=target,
@@ -522,9 +438,9 @@ class Checkpointer:
         partial_restore=True)
     try:
       with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(step_dir / _STATE_ITEM, args=args)
+        restored = checkpointer.restore(step_dir / STATE_ITEM, args=args)
     except (ValueError, OSError) as e:  # tensorstore read errors name only an array
-      raise _unrestorable(step_dir, f"{_STATE_ITEM}: {_one_line(e)}") from e
+      raise unrestorable(step_dir, f"{STATE_ITEM}: {one_line(e)}") from e
     logging.info("Restored params from %s.", step_dir)
     # Orbax hands back the abstract leaf for a param the checkpoint does not have.
     missing = lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct)

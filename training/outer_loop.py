@@ -18,7 +18,6 @@ checkpoint, as a preemption would, without changing the schedule.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable
 
@@ -26,8 +25,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from configs.run_layout import (append_config_history, config_changes, format_changes,
-                                has_run_config, read_run_config)
+from configs.run_layout import (append_config_history, checkpoint_dir, config_changes,
+                                format_changes, has_run_config, read_run_config)
 
 from objectives.reductions import Metrics, add_metrics, finalize_metrics
 from training.checkpoint import Checkpointer
@@ -59,7 +58,8 @@ class NonFiniteError(RuntimeError):
 
 
 class NonFiniteGuard:
-  """Watches the steps' `nonfinite` flags (training/step.py drops such a step's update).
+  """Watches the steps' `nonfinite` flags (training/step.py; with 'skip' it also drops such a
+  step's update, so the params stay finite and the run can go on).
 
   The flags stay on the device until `check()`, which the loop calls only where it reads the
   device anyway (log steps, checkpoint steps, the end): no extra sync per step.
@@ -92,9 +92,9 @@ class NonFiniteGuard:
       self.skipped += 1
       if self.mode == "stop":
         raise NonFiniteError(
-            f"step {step}: the loss or gradient norm is not finite; its update was not applied "
-            "and the run stops (config.train.nonfinite='stop'; 'skip' drops such steps and goes "
-            "on). No checkpoint was saved after it: the earlier ones are intact.")
+            f"step {step}: the loss or gradient norm is not finite; the run stops "
+            "(config.train.nonfinite='stop'; 'skip' drops such steps and goes on). No "
+            "checkpoint was saved from this step on: the earlier ones are intact.")
       if self.in_a_row > self.max_skips:
         raise NonFiniteError(
             f"step {step}: {self.in_a_row} steps in a row with a non-finite loss or gradient "
@@ -132,7 +132,7 @@ class _Window:
 
 def open_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> Checkpointer:
   """The run's checkpoint manager, as `config.checkpoint` says."""
-  return Checkpointer(os.path.join(workdir, "checkpoints"),
+  return Checkpointer(checkpoint_dir(workdir),
                       max_to_keep=config.checkpoint.max_to_keep,
                       save_every=config.checkpoint.every_steps,
                       async_save=config.checkpoint.async_save,

@@ -127,7 +127,8 @@ class RunSetup:
                            self.config.objective, mesh=self.mesh, rules=self.rules,
                            shardings=self.shardings,
                            grad_accum_steps=self.config.train.grad_accum_steps, donate=donate,
-                           frozen_specs=frozen.specs, frozen_shardings=frozen.shardings)
+                           frozen_specs=frozen.specs, frozen_shardings=frozen.shardings,
+                           skip_nonfinite=self.config.train.get("nonfinite") == "skip")
 
   def eval_step(self, frozen: Frozen | None = None, params_shardings: Params | None = None):
     """The jitted eval step; `params_shardings` default: the train state's params'."""

@@ -60,13 +60,15 @@ def make_train_step(spec: ModelSpec, loss_fn: LossFn, optimizer: optax.GradientT
                     schedule: optax.Schedule, objective_cfg: ml_collections.ConfigDict, *,
                     mesh: Mesh, rules: Rules, shardings: TrainState, grad_accum_steps: int = 1,
                     donate: bool = True, frozen_specs: dict[str, ModelSpec] | None = None,
-                    frozen_shardings: dict[str, Any] | None = None):
+                    frozen_shardings: dict[str, Any] | None = None,
+                    skip_nonfinite: bool = False):
   """Returns `step(state, batch, frozen_params={}) -> (state, metrics)`, jitted over `mesh`.
 
   `frozen_params` maps the names of `frozen_specs` to their params (not trained, not donated).
   `metrics` holds `(sum, weight)` pairs from the objective plus scalars `grad_norm`, `lr` and
-  `nonfinite` (1 when the loss or gradient norm was not finite and the update was dropped; as
-  `(value, 1)`), so the caller can average them over steps exactly.
+  `nonfinite` (1 when the loss or gradient norm was not finite; as `(value, 1)`), so the
+  caller can average them over steps exactly. `skip_nonfinite` (config.train.nonfinite 'skip')
+  drops such a step's update: params and optimizer state come out unchanged.
   """
   frozen_specs = frozen_specs or {}
 
@@ -105,14 +107,18 @@ def make_train_step(spec: ModelSpec, loss_fn: LossFn, optimizer: optax.GradientT
       grads = jax.tree.map(lambda g: g / weight, grads)
       grad_norm = optax.tree.norm(grads)
       updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-      # A non-finite loss or gradient norm drops the whole update: params and optimizer state
-      # stay as they were, so no checkpoint can hold non-finite values; the step still counts
-      # and `nonfinite` tells the loop (training/outer_loop.py), which stops or skips. The
-      # select fuses into the update's elementwise ops: a finite step computes what it did.
+      # `nonfinite` tells the loop (training/outer_loop.py) that the loss or gradient norm was
+      # not finite: it stops before the next checkpoint ('stop'), or, with `skip_nonfinite`,
+      # the step drops its whole update here (params and optimizer state stay as they were)
+      # and the loop counts it. Only 'skip' pays for the select: it keeps the old state alive
+      # next to the new one.
       finite = jnp.isfinite(metrics["loss"][0]) & jnp.isfinite(grad_norm)
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      new_state = {"params": keep(optax.apply_updates(params, updates), params),
-                   "opt_state": keep(opt_state, state["opt_state"]),
+      new_params, new_opt_state = optax.apply_updates(params, updates), opt_state
+      if skip_nonfinite:
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_params = keep(new_params, params)
+        new_opt_state = keep(new_opt_state, state["opt_state"])
+      new_state = {"params": new_params, "opt_state": new_opt_state,
                    "step": state["step"] + 1, "rng": rng}
       one = jnp.ones((), jnp.float32)
       metrics = dict(metrics, grad_norm=(grad_norm, one),

@@ -21,7 +21,8 @@ from models.sampler import generate
 from scripts import generate as generate_script
 from scripts.chat import ChatSession, chat
 from scripts.generate import Generated, completion_text, generate_file, load_decoder
-from training.checkpoint import Checkpointer, checkpoint_dir
+from configs.run_layout import checkpoint_dir
+from training.checkpoint import Checkpointer
 
 MAX_NEW = 12
 PROMPTS = [{"prompt": "The river town"}, {"prompt": "Mara sells", "answer": "salt"},

@@ -16,7 +16,8 @@ from data.tokenizer import train_sentencepiece
 from models.build import build_model_spec
 from scripts.generate import load_decoder
 from scripts.synthesize import select_records, synthesize
-from training.checkpoint import Checkpointer, checkpoint_dir
+from configs.run_layout import checkpoint_dir
+from training.checkpoint import Checkpointer
 
 USER = (Turn("user", "Where does Tom live?"),)
 

@@ -15,7 +15,8 @@ import optax
 from orbax.checkpoint._src.path import atomicity
 import pytest
 
-from training.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
+from configs.run_layout import checkpoint_dir
+from training.checkpoint import Checkpointer, CheckpointError
 
 
 def _mesh(shape, names):

@@ -1,5 +1,5 @@
-"""Divergence: a non-finite step changes nothing, and the loop stops (or skips and counts)
-before any checkpoint could hold non-finite params or push a finite one out."""
+"""Divergence: the loop stops at a non-finite step (or drops its update and counts it) before
+any checkpoint could hold non-finite params or push a finite one out."""
 
 import os
 
@@ -23,7 +23,7 @@ from training.state import create_train_state
 from training.step import make_train_step
 
 
-def test_a_non_finite_step_changes_nothing_and_is_flagged():
+def test_a_skipped_non_finite_step_changes_nothing_and_is_flagged():
   config = tiny_config()
   mesh = make_mesh(config.mesh, jax.devices()[:1])
   rules = get_rules(config.mesh.rules)
@@ -31,7 +31,8 @@ def test_a_non_finite_step_changes_nothing_and_is_flagged():
   optimizer, schedule = make_optimizer(config.optimizer, 10)
   state, shardings = create_train_state(spec, optimizer, mesh, rules, seed=0)
   step = make_train_step(spec, get_loss_fn("clm"), optimizer, schedule, config.objective,
-                         mesh=mesh, rules=rules, shardings=shardings, donate=False)
+                         mesh=mesh, rules=rules, shardings=shardings, donate=False,
+                         skip_nonfinite=True)
   state, metrics = step(state, random_batch(0))
   assert float(metrics["nonfinite"][0]) == 0.0
   before = jax.device_get(state)
