@@ -12,19 +12,21 @@ import models  # noqa: F401
 from configs import grpo as grpo_config
 from configs import online_dpo as online_dpo_config
 from configs import ppo as ppo_config
-from data import tiny_world
-from data.tokenizer import train_sentencepiece
-from models.build import build_model_spec
-from training.checkpoint import Checkpointer
 from configs.run_layout import CONFIG_FILE
-from training.metrics import read_metrics
+from data import tiny_world
 from data.pipeline import resolve_tokenizer
 from data.prompts import fit_prompt, load_prompts
+from data.tokenizer import train_sentencepiece
+from models.build import build_model_spec
+from scripts.evaluate import evaluate_run
+from training import outer_loop
+from training.checkpoint import Checkpointer
+from training.metrics import read_metrics
+from training.preemption import Preempted
+from training.registry import get_stage
 from training.rl.evaluation import Evaluator
 from training.rl.loop import RLTrainer, minibatch_plan, train_rl
 from training.rl.rollout import build_rows, prompt_batch
-from training.registry import get_stage
-from scripts.evaluate import evaluate_run
 
 VOCAB = 384
 SMALL = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
@@ -166,6 +168,40 @@ def test_ppo_resume_equals_uninterrupted(ppo_setup, ppo_run, tmp_path):
   a = Checkpointer.restore_params(ppo_run[0], spec.shapes)
   b = Checkpointer.restore_params(workdir, spec.shapes)
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+class _NoticeAfterFirstStep:
+  """Stands in for training/preemption.py's watch: a notice arrives during iteration 1 (the
+  signal path itself is tested on real processes in tests/training/test_preemption.py)."""
+
+  signal_name = "SIGTERM"
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    pass
+
+  def should_stop(self, step):
+    return step >= 1
+
+
+def test_a_preempted_rl_run_checkpoints_its_iteration_and_resumes(ppo_setup, ppo_run,
+                                                                  tmp_path, monkeypatch):
+  config, trainer = ppo_setup
+  workdir = str(tmp_path / "preempted")
+  with monkeypatch.context() as patch:
+    patch.setattr(outer_loop, "PreemptionWatch", _NoticeAfterFirstStep)
+    with pytest.raises(Preempted, match="at step 1"):
+      train_rl(config, workdir, trainer=trainer)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.all_steps() == [1]  # every_steps is 1 here; the forced save is that step's
+  ckpt.close()
+  train_rl(config, workdir, trainer=trainer)  # the rerun resumes and finishes
+  want = {r["step"]: r for r in read_metrics(ppo_run[0])}
+  got = {r["step"]: r for r in read_metrics(workdir)}
+  assert got[2]["train/loss"] == pytest.approx(want[2]["train/loss"], abs=1e-6)
+  assert got[2]["eval/reward"] == pytest.approx(want[2]["eval/reward"], abs=1e-6)
 
 
 def test_sampled_evaluation_is_reproducible_and_greedy_at_temperature_zero(ppo_setup,
