@@ -34,7 +34,6 @@ newer one is committed, so the last good checkpoint survives a failed save.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Any
 
@@ -46,9 +45,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from training.checkpoint_files import (STATE_ITEM, CheckpointError, absolute_path,
-                                       check_state_files, data_item, finalized_steps, one_line,
-                                       resolve_step_dir, saved_items, step_name_format,
-                                       unrestorable)
+                                       check_state_files, data_item, finalized_steps,
+                                       gather_data_states, one_line, restore_params,
+                                       saved_items, step_name_format, unrestorable)
 
 PyTree = Any
 
@@ -76,24 +75,6 @@ class _Manager(ocp.CheckpointManager):
     except Exception as e:  # any failure of the background write: kept, then re-raised
       self.save_error = e
       raise
-
-
-def _gather_data_states(data_state: dict | None) -> list[dict | None]:
-  """Returns every process's data state, indexed by process (a collective on multi-host).
-
-  Orbax's JSON handler writes on the primary process only, so per-host iterator states have to
-  reach that process first. Encoding here also makes a non-JSON state fail in the caller's
-  thread rather than later inside the async save.
-  """
-  payload = json.dumps(data_state, sort_keys=True).encode()
-  if jax.process_count() == 1:
-    return [json.loads(payload)]
-  lengths = multihost_utils.process_allgather(np.array([len(payload)], np.int32))
-  lengths = np.asarray(lengths).reshape(-1)
-  buffer = np.zeros(int(lengths.max()), np.uint8)
-  buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
-  buffers = np.asarray(multihost_utils.process_allgather(buffer))
-  return [json.loads(bytes(buffers[i, :n])) for i, n in enumerate(lengths)]
 
 
 class Checkpointer:
@@ -244,7 +225,7 @@ class Checkpointer:
       logging.info("Checkpoint for step %d exists; not saving it again.", step)
       return False
     items = {STATE_ITEM: ocp.args.StandardSave(state)}
-    for index, process_state in enumerate(_gather_data_states(data_state)):
+    for index, process_state in enumerate(gather_data_states(data_state)):
       if process_state is not None:
         items[data_item(index)] = ocp.args.JsonSave(process_state)
     self._pending_step = step
@@ -404,54 +385,8 @@ class Checkpointer:
       return None
     return states if all_data else states[0]
 
-  @staticmethod
-  def restore_params(path: str, abstract_params: PyTree, fresh_params: PyTree | None = None
-                     ) -> PyTree:
-    """Restores only the `params` subtree of a checkpoint, e.g. an earlier stage's.
-
-    The optimizer state and everything else in the checkpoint are not read, so they need not
-    match the current stage; saved params that `abstract_params` lacks are ignored (a reward
-    model drops a decoder's LM head).
-
-    Args:
-      path: a workdir (its latest checkpoint), a checkpoints directory (its latest step) or a
-        single step directory.
-      abstract_params: pytree of `jax.ShapeDtypeStruct` with `.sharding` set, matching the
-        saved `state["params"]`.
-      fresh_params: params (same structure) to take the leaves the checkpoint does not have
-        from, e.g. a new reward head on a pretrained decoder; without it a missing leaf is an
-        error.
-
-    Returns:
-      The params with `abstract_params`'s structure, dtypes and shardings.
-
-    Raises:
-      KeyError: the checkpoint lacks params of `abstract_params` and no `fresh_params`.
-      CheckpointError: the (latest) step's files are damaged; no fallback here, the caller
-        named this checkpoint.
-    """
-    step_dir = resolve_step_dir(path)
-    target = {"params": abstract_params}
-    args = ocp.args.PyTreeRestore(
-        item=target,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)
-    try:
-      with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(step_dir / STATE_ITEM, args=args)
-    except (ValueError, OSError) as e:  # tensorstore read errors name only an array
-      raise unrestorable(step_dir, f"{STATE_ITEM}: {one_line(e)}") from e
-    logging.info("Restored params from %s.", step_dir)
-    # Orbax hands back the abstract leaf for a param the checkpoint does not have.
-    missing = lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct)
-    names = [jax.tree_util.keystr(p) for p, leaf in
-             jax.tree_util.tree_leaves_with_path(restored["params"]) if missing(leaf)]
-    if not names:
-      return restored["params"]
-    if fresh_params is None:
-      raise KeyError(f"{step_dir} has no params {names}")
-    logging.info("Params not in %s keep their fresh values: %s", step_dir, names)
-    return jax.tree.map(lambda r, f: f if missing(r) else r, restored["params"], fresh_params)
+  # Reading one checkpoint's params needs no manager (training/checkpoint_files.py).
+  restore_params = staticmethod(restore_params)
 
   def wait(self) -> None:
     """Blocks until all started saves are written (and old checkpoints pruned).

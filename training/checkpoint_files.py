@@ -9,15 +9,22 @@ unrestorable (training/checkpoint.py's `Checkpointer` reads and writes them thro
 
 A step directory without `commit_success.txt` is an interrupted write, never a checkpoint.
 A complete one whose state files are missing raises `CheckpointError`, one line naming the step
-directory and the cause.
+directory and the cause. Also here, as they need no checkpoint manager: `restore_params` (the
+params of any run's checkpoint) and `gather_data_states` (every process's data-iterator state
+for the primary process to write).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
+from absl import logging
 from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from configs.run_layout import CHECKPOINTS_DIR
@@ -106,3 +113,69 @@ def resolve_step_dir(path: str) -> epath.Path:
     raise FileNotFoundError(f"No complete checkpoint under {path}.")
   check_state_files(root / str(steps[-1]))
   return root / str(steps[-1])
+
+
+def gather_data_states(data_state: dict | None) -> list[dict | None]:
+  """Returns every process's data state, indexed by process (a collective on multi-host).
+
+  Orbax's JSON handler writes on the primary process only, so per-host iterator states have to
+  reach that process first. Encoding here also makes a non-JSON state fail in the caller's
+  thread rather than later inside the async save.
+  """
+  payload = json.dumps(data_state, sort_keys=True).encode()
+  if jax.process_count() == 1:
+    return [json.loads(payload)]
+  lengths = multihost_utils.process_allgather(np.array([len(payload)], np.int32))
+  lengths = np.asarray(lengths).reshape(-1)
+  buffer = np.zeros(int(lengths.max()), np.uint8)
+  buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
+  buffers = np.asarray(multihost_utils.process_allgather(buffer))
+  return [json.loads(bytes(buffers[i, :n])) for i, n in enumerate(lengths)]
+
+
+def restore_params(path: str, abstract_params: Any, fresh_params: Any = None) -> Any:
+  """Restores only the `params` subtree of a checkpoint, e.g. an earlier stage's.
+
+  The optimizer state and everything else in the checkpoint are not read, so they need not
+  match the current stage; saved params that `abstract_params` lacks are ignored (a reward
+  model drops a decoder's LM head).
+
+  Args:
+    path: a workdir (its latest checkpoint), a checkpoints directory (its latest step) or a
+      single step directory.
+    abstract_params: pytree of `jax.ShapeDtypeStruct` with `.sharding` set, matching the
+      saved `state["params"]`.
+    fresh_params: params (same structure) to take the leaves the checkpoint does not have
+      from, e.g. a new reward head on a pretrained decoder; without it a missing leaf is an
+      error.
+
+  Returns:
+    The params with `abstract_params`'s structure, dtypes and shardings.
+
+  Raises:
+    KeyError: the checkpoint lacks params of `abstract_params` and no `fresh_params`.
+    CheckpointError: the (latest) step's files are damaged; no fallback here, the caller
+      named this checkpoint.
+  """
+  step_dir = resolve_step_dir(path)
+  target = {"params": abstract_params}
+  args = ocp.args.PyTreeRestore(
+      item=target,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(step_dir / STATE_ITEM, args=args)
+  except (ValueError, OSError) as e:  # tensorstore read errors name only an array
+    raise unrestorable(step_dir, f"{STATE_ITEM}: {one_line(e)}") from e
+  logging.info("Restored params from %s.", step_dir)
+  # Orbax hands back the abstract leaf for a param the checkpoint does not have.
+  missing = lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct)
+  names = [jax.tree_util.keystr(p) for p, leaf in
+           jax.tree_util.tree_leaves_with_path(restored["params"]) if missing(leaf)]
+  if not names:
+    return restored["params"]
+  if fresh_params is None:
+    raise KeyError(f"{step_dir} has no params {names}")
+  logging.info("Params not in %s keep their fresh values: %s", step_dir, names)
+  return jax.tree.map(lambda r, f: f if missing(r) else r, restored["params"], fresh_params)
