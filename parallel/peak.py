@@ -15,12 +15,26 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense peak FLOP/s per chip for bfloat16 matmuls (vendor specifications).
+# Dense (no sparsity) peak FLOP/s per chip for bfloat16 matmuls, vendor specifications, matched
+# against `device.device_kind` in this order (the first name it contains wins, so the more
+# specific names come first: "NVIDIA H100 PCIe" before the SXM "NVIDIA H100 80GB HBM3").
 _BF16_PEAKS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU7x": 2307e12,
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H20": 148e12,
+    "B200": 2250e12, "B100": 1750e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+    "A10G": 70e12,
 }
+
+
+def published_peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
+  """The vendor's dense peak FLOP/s of a chip named `device_kind` for `dtype` matmuls, or None
+  for a chip not in the table (CPUs among them). float32 counts half the bf16 rate (TPUs run
+  float32 matmuls as several bf16 passes; GPUs as TF32, half the bf16 rate)."""
+  for name, peak in _BF16_PEAKS.items():
+    if name.lower() in device_kind.lower():
+      return peak / (1 if dtype in ("bfloat16", "float16") else 2)
+  return None
 
 
 def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10,
@@ -47,11 +61,10 @@ def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 10,
 def device_peak_flops(dtype: str = "bfloat16") -> float:
   """Peak FLOP/s of one local device: the vendor number when known, else measured."""
   device = jax.local_devices()[0]
-  kind = getattr(device, "device_kind", "")
   if device.platform != "cpu":
-    for name, peak in _BF16_PEAKS.items():
-      if name.lower() in kind.lower():
-        return peak / (1 if dtype in ("bfloat16", "float16") else 2)
+    peak = published_peak_flops(getattr(device, "device_kind", ""), dtype)
+    if peak is not None:
+      return peak
   return measure_matmul_flops(n=1024, repeats=3)
 
 

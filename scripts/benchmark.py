@@ -32,11 +32,18 @@ Flags are defined when the script runs, not when it is imported (`define_flags`)
 can import it next to other entry points with flags of the same names; a flag that the chosen
 subcommand does not read is an error.
 
-On CPU the benchmark sends every dot to XLA:CPU's Eigen GEMMs; see `_CPU_XLA_FLAGS` for the
-flags it sets (only here, never for tests or training) and why. On Linux the script runs
-under a host allocator that keeps freed memory for reuse (`--allocator`, default: tcmalloc when
-installed, else tuned glibc; see scripts/benchmarks/host_allocator.py), re-executing itself
-once to set it.
+MFU's denominator: on a chip with a published dense peak (TPU, H100 / H200: parallel/peak.py),
+that peak for the compute dtype, with the matmul rate measured in the same run beside it; on
+CPU, the float32 matmul rate measured in the same run.
+
+Platform settings (parallel/xla_settings.py), applied before JAX starts: on CPU the benchmark
+sends every dot to XLA:CPU's Eigen GEMMs (`CPU_BENCHMARK_FLAGS`, only here, never for tests or
+training) and, on Linux, runs under a host allocator that keeps freed memory for reuse
+(`--allocator`, default: tcmalloc when installed, else tuned glibc;
+scripts/benchmarks/host_allocator.py), re-executing itself once to set it. On GPU it sets the
+XLA GPU flags training uses (`GPU_FLAGS`) and no host allocator. On one H100 / H200:
+
+  python -m scripts.benchmark clm --preset 1b --dtype bfloat16 --batch 16 --remat full
 """
 
 from __future__ import annotations
@@ -49,36 +56,20 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from configs import ppo, pretrain
 from models.build import count_params
 from models.flops import train_flops_per_token
-from parallel.peak import measure_matmul_flops
+from parallel.peak import measure_matmul_flops, published_peak_flops
+from parallel.xla_settings import apply_xla_settings, target_platform
 from scripts.benchmarks import host_allocator
 from scripts.benchmarks.generation import benchmark_generate, format_generate
 from scripts.benchmarks.ppo import benchmark_ppo, format_ppo
 from training.registry import get_stage
 from training.setup import build_setup
-
-# XLA:CPU flags the benchmark sets when XLA_FLAGS does not already hold them (`--noxla_flags`:
-# none). An empty YNNPACK fusion type sends every dot to XLA:CPU's Eigen GEMMs instead of
-# YNNPACK: the big 2-D GEMMs run at the same rate either way, but YNNPACK runs attention's small
-# batched GEMMs on about one core (README, "Benchmarks", has the figures). CPU training gains
-# the same from this XLA_FLAGS value. XLA reads XLA_FLAGS when the backend starts, not when jax
-# is imported, so setting it in `main` takes effect.
-_CPU_XLA_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",)
-
-
-def _apply_xla_flags() -> str:
-  """Adds `_CPU_XLA_FLAGS` to XLA_FLAGS (before the backend starts); returns the result."""
-  current = os.environ.get("XLA_FLAGS", "")
-  extra = [f for f in _CPU_XLA_FLAGS if f.split("=")[0] not in current]
-  if extra:
-    os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
-  return os.environ.get("XLA_FLAGS", "")
-
 
 def random_clm_batch(rng, batch: int, seq_len: int, vocab: int) -> dict[str, Any]:
   """Uniform random tokens, every row one full segment (no padding): the worst case for
@@ -107,14 +98,34 @@ def memory_figures(compiled) -> dict[str, int]:
   return figures
 
 
-def measure_peak(sizes, repeats: int) -> tuple[float, int]:
-  """Best float32 matmul FLOP/s over `sizes` (parallel/peak.py), and the size that gave it."""
+def measure_peak(sizes, repeats: int, dtype: str = "float32") -> tuple[float, int]:
+  """Best `dtype` matmul FLOP/s over `sizes` (parallel/peak.py), and the size that gave it."""
   best, best_n = 0.0, 0
   for n in sizes:
-    rate = measure_matmul_flops(n=int(n), repeats=repeats)
+    rate = measure_matmul_flops(n=int(n), dtype=jnp.dtype(dtype), repeats=repeats)
     if rate > best:
       best, best_n = rate, int(n)
   return best, best_n
+
+
+def peak_figures(sizes, repeats: int, dtype: str) -> dict[str, Any]:
+  """The MFU denominator and where it comes from.
+
+  On a chip with a published dense peak (TPU, H100 / H200, ...: parallel/peak.py's table, the
+  chip read from `jax.devices()`), that peak for the compute `dtype`, with the matmul rate
+  measured in the same dtype beside it. On CPUs, which publish none, the float32 matmul rate
+  measured on this machine in the same run.
+  """
+  device = jax.devices()[0]
+  published = (published_peak_flops(device.device_kind, dtype)
+               if device.platform != "cpu" else None)
+  measure_dtype = dtype if published is not None else "float32"
+  measured, n = measure_peak(sizes, repeats, measure_dtype)
+  if published is not None:
+    return dict(peak_flops_per_sec=published, peak_matmul_size=n, measured_matmul=measured,
+                peak_source=f"published {dtype} dense peak of {device.device_kind}")
+  return dict(peak_flops_per_sec=measured, peak_matmul_size=n, measured_matmul=measured,
+              peak_source=f"measured float32 {n}^3 matmul")
 
 
 def benchmark_clm(config, *, steps: int, warmup: int, peak_sizes=(1024, 2048),
@@ -161,7 +172,7 @@ def benchmark_clm(config, *, steps: int, warmup: int, peak_sizes=(1024, 2048),
   loss_sum, loss_weight = metrics["loss"]
   loss = float(loss_sum) / max(float(loss_weight), 1.0)
 
-  peak, peak_n = measure_peak(peak_sizes, peak_repeats)
+  peak = peak_figures(peak_sizes, peak_repeats, config.model.dtype)
   step_s = statistics.median(times)
   tokens_per_sec = batch_size * seq_len / step_s
   flops_per_token = train_flops_per_token(config.model, seq_len)
@@ -173,8 +184,8 @@ def benchmark_clm(config, *, steps: int, warmup: int, peak_sizes=(1024, 2048),
       steps=steps, warmup=warmup, step_s_median=step_s, step_s_mean=statistics.fmean(times),
       step_s_min=min(times), final_loss=loss, tokens_per_sec=tokens_per_sec,
       flops_per_token=flops_per_token, model_flops_per_sec=model_flops,
-      peak_flops_per_sec=peak, peak_matmul_size=peak_n, mfu=model_flops / peak,
-      compile_s=compile_s, **memory, xla_flags=os.environ.get("XLA_FLAGS", ""))
+      **peak, mfu=model_flops / peak["peak_flops_per_sec"], compile_s=compile_s, **memory,
+      xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
 def format_clm(result: dict[str, Any]) -> str:
@@ -190,8 +201,7 @@ def format_clm(result: dict[str, Any]) -> str:
       f"tokens/s         {result['tokens_per_sec']:,.0f}",
       f"model FLOP/s     {result['model_flops_per_sec'] / 1e9:.1f} G "
       f"({result['flops_per_token'] / 1e6:.1f} MFLOP/token)",
-      f"measured peak    {result['peak_flops_per_sec'] / 1e9:.1f} G "
-      f"(float32 {result['peak_matmul_size']}^3 matmul)",
+      format_peak(result),
       f"MFU              {100 * result['mfu']:.1f}%",
   ]
   if "peak_memory_bytes" in result:
@@ -234,8 +244,8 @@ def define_flags() -> None:
   flags.DEFINE_list("peak_sizes", ["1024", "2048"],
                     "Square matmul sizes to measure the float32 peak at (best wins).")
   flags.DEFINE_integer("peak_repeats", 8, "Timed repeats per peak matmul size.")
-  flags.DEFINE_bool("xla_flags", True, "Set the benchmark's XLA:CPU flags (_CPU_XLA_FLAGS) "
-                    "before JAX starts.")
+  flags.DEFINE_bool("xla_flags", True, "Set the platform's XLA flags before JAX starts "
+                    "(parallel/xla_settings.py: GPU_FLAGS on GPU, CPU_BENCHMARK_FLAGS on CPU).")
   flags.DEFINE_enum("allocator", "auto", list(host_allocator.CHOICES),
                     "Host memory allocator (Linux; scripts/benchmarks/host_allocator.py): auto = "
                     "tcmalloc when installed, else glibc tuned to keep freed memory; system = "
@@ -277,20 +287,25 @@ def _new_tokens(subcommand: str) -> int:
   return _NEW_TOKENS[subcommand] if value is None else value
 
 
-def add_mfu(result: dict[str, Any]) -> dict[str, Any]:
-  """`result` with the measured float32 matmul peak (`--peak_sizes`) and `mfu`, the ratio of
-  its `model_flops_per_sec` to that peak."""
-  peak, peak_n = measure_peak([int(n) for n in flags.FLAGS.peak_sizes], flags.FLAGS.peak_repeats)
-  return dict(result, peak_flops_per_sec=peak, peak_matmul_size=peak_n,
-              mfu=result["model_flops_per_sec"] / peak)
+def add_mfu(result: dict[str, Any], dtype: str) -> dict[str, Any]:
+  """`result` with the peak (`peak_figures`; `--peak_sizes`) and `mfu`, the ratio of its
+  `model_flops_per_sec` to that peak."""
+  peak = peak_figures([int(n) for n in flags.FLAGS.peak_sizes], flags.FLAGS.peak_repeats, dtype)
+  return dict(result, **peak, mfu=result["model_flops_per_sec"] / peak["peak_flops_per_sec"])
+
+
+def format_peak(result: dict[str, Any]) -> str:
+  """The peak line: the MFU denominator, and the measured matmul rate when that is not it."""
+  line = f"peak             {result['peak_flops_per_sec'] / 1e9:,.1f} G ({result['peak_source']})"
+  if result["peak_source"].startswith("published"):
+    line += (f"; measured {result['measured_matmul'] / 1e9:,.1f} G "
+             f"({result['peak_matmul_size']}^3 matmul)")
+  return line
 
 
 def format_mfu(result: dict[str, Any]) -> str:
   """The peak and MFU lines of an `add_mfu` result."""
-  return "\n".join([
-      f"measured peak    {result['peak_flops_per_sec'] / 1e9:.1f} G "
-      f"(float32 {result['peak_matmul_size']}^3 matmul)",
-      f"MFU              {100 * result['mfu']:.1f}%"])
+  return "\n".join([format_peak(result), f"MFU              {100 * result['mfu']:.1f}%"])
 
 
 def clm_config():
@@ -323,7 +338,8 @@ def run_generate() -> dict[str, Any]:
   f = flags.FLAGS
   result = add_mfu(benchmark_generate(
       config, batch=f.prompts, prompt_len=f.prompt_len, max_new_tokens=_new_tokens("generate"),
-      temperature=f.temperature, repeats=f.repeats, warmup=_warmup("generate")))
+      temperature=f.temperature, repeats=f.repeats, warmup=_warmup("generate")),
+      config.model.dtype)
   print(format_generate(result))
   print(format_mfu(result))
   return result
@@ -336,7 +352,7 @@ def run_ppo() -> dict[str, Any]:
   config.rl.temperature = f.temperature
   result = add_mfu(benchmark_ppo(config, prompts=f.prompts, new_tokens=_new_tokens("ppo"),
                                  prompt_len=f.prompt_len, repeats=f.repeats,
-                                 warmup=_warmup("ppo")))
+                                 warmup=_warmup("ppo")), config.model.dtype)
   print(format_ppo(result))
   print(format_mfu(result))
   return result
@@ -359,12 +375,17 @@ def main(argv):
                   if flags.FLAGS[name].present)
   if unread:
     raise app.UsageError(f"{subcommand} does not read --{', --'.join(unread)}")
-  try:
-    allocator = host_allocator.reexec_with_allocator(flags.FLAGS.allocator, "scripts.benchmark")
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  # Host settings are XLA:CPU's (the allocator of its per-step temporaries, its GEMM routing);
+  # a GPU gets the XLA GPU flags instead (parallel/xla_settings.py), a TPU libtpu's defaults.
+  platform = target_platform()
+  allocator = "system"
+  if platform == "cpu":
+    try:
+      allocator = host_allocator.reexec_with_allocator(flags.FLAGS.allocator, "scripts.benchmark")
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
   if flags.FLAGS.xla_flags:
-    _apply_xla_flags()
+    apply_xla_settings(platform, benchmark=True)
   result = dict(SUBCOMMANDS[subcommand](), allocator=allocator)
   print(f"allocator        {allocator}")
   print(json.dumps(result, sort_keys=True))

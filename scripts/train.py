@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from configs.cli import parse_flags
 from training.validate import ConfigError, check_config
 from parallel.distributed import maybe_initialize_distributed
+from parallel.xla_settings import apply_xla_settings
 from training.checkpoint import CheckpointError
 from training.metrics import quiet_library_logs
 from training.outer_loop import ConfigChangeError, NonFiniteError
@@ -36,6 +37,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # The platform's XLA flags (GPU: latency-hiding scheduler, pipelined collectives) before the
+  # backend starts; nothing on CPU or TPU.
+  apply_xla_settings()
   logging.set_verbosity(logging.INFO)
   quiet_library_logs()
   # The validator counts devices, so a multi-host job joins jax.distributed before it.

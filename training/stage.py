@@ -71,6 +71,10 @@ class Stage:
   # A loop of its own, `train(config, workdir) -> final metrics`, run by scripts/train.py
   # instead of training/loop.py's (the RL stages: sample, score, update; training/rl).
   train: Callable[..., dict[str, float]] | None = None
+  # `abstract_batch(config) -> {name: jax.ShapeDtypeStruct}`: the shapes and dtypes of one global
+  # batch, exactly as `make_dataset` yields it, with no data read (scripts/compile_check.py
+  # compiles the train step from it for a TPU pod).
+  abstract_batch: Callable[[ml_collections.ConfigDict], dict[str, Any]] | None = None
 
 
 def batch_tokens(batch: Mapping[str, Any]) -> int:
