@@ -28,6 +28,11 @@ setup(
         "safetensors>=0.4.3",
         "tokenizers>=0.19",
         "jinja2>=3.1",
+        # Reports (training/plots.py: PNG figures, Agg backend), Parquet datasets
+        # (data/records.py) and the scaling-law fit (training/chinchilla.py).
+        "matplotlib>=3.8",
+        "pyarrow>=14",
+        "scipy>=1.11",
     ],
     extras_require={
         # torch pinned: its CPU wheel; an unpinned torch would pull the CUDA build. The

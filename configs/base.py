@@ -129,6 +129,12 @@ def base_config() -> ml_collections.ConfigDict:
       # `max_nonfinite_skips` such steps in a row.
       nonfinite="stop",
       max_nonfinite_skips=10,
+      # Which params train (training/trainable.py); the rest keep the values `init_from` gave
+      # them and get no optimizer state: 'all' | 'head' (params outside the transformer body:
+      # a classifier's or reward model's head, an untied LM head) | 'top_k_layers' (the last
+      # `trainable_top_k` blocks, the final norm and the head). LoRA is `config.lora`.
+      trainable="all",
+      trainable_top_k=2,
   ))
 
   # LoRA (models/lora.py): train only low-rank adapters of these projections; the base

@@ -10,8 +10,10 @@ On the tiny world, after pretraining and SFT (configs/pretrain.py, configs/sft.p
       --config.init_from=runs/sft_tiny
 
 The preset is `size[,loss]`: size tiny | 1b | llama3_8b, loss sigmoid (default) | hinge | ipo |
-robust | simpo | orpo | kto, each with its paper's hyperparameters (`LOSS_DEFAULTS`); any
-field can still be overridden, e.g. --config.objective.label_smoothing=0.1 (cDPO).
+ipo_mean | robust | simpo | orpo | kto, each with its paper's hyperparameters (`LOSS_DEFAULTS`);
+any field can still be overridden, e.g. --config.objective.label_smoothing=0.1 (cDPO). `ipo`
+is IPO on summed log-probs (the paper's equation), `ipo_mean` on log-probs averaged over each
+answer's tokens (what its authors ran; objectives/dpo.py).
 
 Policy and reference both start from `init_from` (or `objective.reference`), and the
 tokenizer is that run's. With `objective.reference_mode=cached` (default) the reference's
@@ -37,6 +39,7 @@ LOSS_DEFAULTS = {
     "sigmoid": dict(beta=0.1),                          # Rafailov et al., 2023
     "hinge": dict(beta=0.1),                            # Zhao et al., 2023 (SLiC-HF)
     "ipo": dict(beta=0.1),                              # Azar et al., 2023 (tau)
+    "ipo_mean": dict(beta=0.1),                         # the same, length-normalised margin
     "robust": dict(beta=0.1, label_smoothing=0.1),      # Chowdhury et al., 2024
     "simpo": dict(beta=2.0, simpo_gamma=1.0),           # Meng et al., 2024: gamma / beta 0.5
     "orpo": dict(beta=0.1, orpo_lambda=0.1),            # Hong et al., 2024

@@ -11,8 +11,8 @@ or with a reward model: --config.reward.function= --config.reward.model=runs/rew
 Each iteration samples `rl.samples_per_prompt` (>= 2) replies for each of
 `rl.prompts_per_iteration` prompts, pairs each prompt's best reply (chosen) with its worst
 (rejected; no pair when they score the same) and takes `rl.epochs` x `rl.minibatches` steps of
-objectives/dpo.py's loss (`objective.loss_type` sigmoid | hinge | ipo | robust | simpo | orpo,
-with beta, label_smoothing, simpo_gamma, orpo_lambda) against the frozen reference
+objectives/dpo.py's loss (`objective.loss_type` sigmoid | hinge | ipo | ipo_mean | robust |
+simpo | orpo, with beta, label_smoothing, simpo_gamma, orpo_lambda) against the frozen reference
 (`objective.reference`, '' = init_from). Iteration counting and the held-out metrics are
 those of configs/ppo.py; train/pairs is the share of prompts that gave a pair.
 """

@@ -27,8 +27,9 @@ of the questions the SFT stage never saw and holds out the other half; 'sft' tra
 stage's own questions) or files (`data.train_files` / `eval_files` of {prompt, answer?}
 records, docs/formats.md). docs/results_rl.md has the tiny runs' figures.
 
-Sections: `rl` (sampling and update schedule), `reward` (function and / or reward-model run,
-missing-stop penalty: training/rl/rewards.py), `value` (source 'head' on the policy or a
+Sections: `rl` (sampling and update schedule, DAPO's dynamic sampling), `reward` (function
+and / or reward-model run, missing-stop penalty, DAPO's overlong shaping:
+training/rl/rewards.py), `value` (source 'head' on the policy or a
 separate 'model'; `init_from` of the latter, '' = reward.model, else init_from), `eval`,
 and `objective` (PPO's: kl_coef, kl_estimator k1 | k2 | k3, adaptive_kl with target_kl and
 kl_horizon, gamma, lam, whiten_advantages, clip_eps, value_clip, vf_coef, entropy_coef,
@@ -66,11 +67,18 @@ def add_rl_sections(config: ml_collections.ConfigDict) -> None:
       top_p=1.0,
       epochs=2,                # passes over each rollout
       minibatches=2,           # optimizer updates per pass
+      # DAPO's dynamic sampling (G >= 2): groups whose G scores are all equal are dropped
+      # and more prompts sampled, up to this many extra rounds (training/rl/rollout.py).
+      dynamic_sampling=False,
+      dynamic_sampling_max_rounds=8,
   ))
   config.reward = ml_collections.ConfigDict(dict(
       function="tiny_answer",  # training/rl/rewards.py REWARD_FUNCTIONS ('' = none)
       model="",                # reward-model run (training/stages/reward.py); '' = none
       missing_stop_penalty=1.0,  # subtracted when a reply runs out of tokens unstopped
+      # DAPO's overlong shaping: a penalty growing 0 -> 1 over the last this-many tokens
+      # before rl.max_new_tokens (training/rl/rewards.py); 0 = off.
+      overlong_buffer=0,
   ))
   config.value = ml_collections.ConfigDict(dict(
       source="none",           # 'head' | 'model' (PPO) | 'none'

@@ -4,9 +4,10 @@ Run the tiny preset (embedded tiny-world data, trains its own tokenizer, CPU in 
 
   python -m scripts.train --config configs/pretrain.py:tiny --workdir runs/pretrain_tiny
 
-Other presets: `bench` (benchmark shape), `125m`, `1b`, `llama3_8b`. Any field can be overridden,
-e.g. `--config.optimizer.lr=3e-4 --config.data.train_files='corpus/*.jsonl'`; an unknown key is
-an error that names it.
+Other presets: `tiny_moe` (tiny with 8 routed experts, 2 per token), `bench` (benchmark
+shape), `125m`, `1b`, `llama3_8b`. Any field can be overridden, e.g.
+`--config.optimizer.lr=3e-4 --config.data.train_files='corpus/*.jsonl'`; an unknown key is an
+error that names it.
 """
 
 import ml_collections
@@ -19,8 +20,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config = base.base_config()
   config.stage = "pretrain"
   config.objective = ml_collections.ConfigDict(dict(name="clm", z_loss=0.0))
-  if arg == "tiny":
-    config.model = model_config("tiny")
+  if arg in ("tiny", "tiny_moe"):
+    # tiny_moe: the same run with 8 routed experts per layer (models/moe.py).
+    config.model = model_config(arg)
     config.data.source = "tiny_world"
     config.data.tokenizer_vocab_size = config.model.vocab_size
     config.data.seq_len = 128
@@ -57,5 +59,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.mesh.fsdp = -1
     config.mesh.data = 1
   else:
-    raise ValueError(f"unknown preset {arg!r}: tiny, bench, 125m, 1b, llama3_8b")
+    raise ValueError(f"unknown preset {arg!r}: tiny, tiny_moe, bench, 125m, 1b, llama3_8b")
   return config

@@ -2,7 +2,8 @@
 
     {workdir}/
         config.json        the run's whole config, plus `model_kind` (decoder | encoder |
-                           reward): what its checkpoints hold, so no reader guesses it
+                           reward | classifier | encoder_classifier): what its checkpoints
+                           hold, so no reader guesses it
         checkpoints/{step}/  orbax checkpoints (training/checkpoint.py)
         tokenizer/         spm.model (trained by data/pipeline.py) or tokenizer.json (a
                            converted Hugging Face model, training/hf_runs.py)
@@ -45,7 +46,7 @@ TENSORBOARD_DIR = "tensorboard"
 DATA_DIR = "data"
 SPM_MODEL = "spm.model"
 HF_TOKENIZER = "tokenizer.json"
-MODEL_KINDS = ("decoder", "encoder", "reward")
+MODEL_KINDS = ("decoder", "encoder", "reward", "classifier", "encoder_classifier")
 
 
 def run_dir(path: str) -> str:
@@ -155,14 +156,15 @@ RESUMABLE_FIELDS = ("train", "optimizer", "checkpoint", "eval", "mesh", "lora.dr
                     "data.worker_count", "data.skip_invalid", "data.eval_files",
                     "data.eval_split", "data.replay_eval_files")
 # Fields fixed for a run's life. model, lora, value and model_kind shape the checkpointed
-# params; objective, reward and init_from (the frozen base / reference) define what is
+# params, and train.trainable(_top_k) the optimizer state (moments of the trained params only);
+# objective, reward and init_from (the frozen base / reference) define what is
 # optimised; the tokenizer fixes the token ids. Every other data field (and `seed`, the
 # shuffle seed) shapes the data chain, whose checkpointed iterator state is a position in that
 # exact stream: another source, shuffle, sequence length or batch size would resume at a wrong
 # position or repeat data. `rl` is the RL iteration's data (prompts, samples, lengths). A field
 # in neither list is fixed too: a new section is frozen until someone decides otherwise.
 FROZEN_FIELDS = ("stage", "seed", "init_from", "model", "model_kind", "objective", "lora",
-                 "data", "rl", "reward", "value")
+                 "data", "rl", "reward", "value", "train.trainable", "train.trainable_top_k")
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

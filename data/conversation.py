@@ -8,8 +8,10 @@ and 'assistant':
   ShareGPT            {conversations: [{from, value}, ...]}    -> turns (system optional)
   ShareGPT prefs      assistant candidates with label chosen / rejected -> PreferencePairs
   prompt/chosen/rejected {prompt (text or turns), chosen, rejected, margin?} -> PreferencePair
+  Anthropic HH        {chosen, rejected} whole "\\n\\nHuman: ..." dialogues -> PreferencePair
+                      (the shared turns are the context)
   unpaired feedback   {prompt, completion, label: bool}        -> Feedback (KTO)
-  prompts only        {prompt, answer?}                        -> Prompt (RL, synthesis)
+  prompts only        {prompt, answer?} (GSM8K: {question, answer}) -> Prompt (RL, synthesis)
 
 An SFT record may also be checked against one form (`SFT_FORMATS`, `config.data.format`).
 Validation raises `InvalidRecord`; the readers below (through data/records.py) turn it into a
@@ -22,6 +24,7 @@ import dataclasses
 import itertools
 from typing import Any, Iterator
 
+from data import dialogue_text
 from data.records import InvalidRecord, SkipCounter, iter_jsonl_records, require_text
 
 SFT_FORMATS = ("auto", "alpaca", "sharegpt")  # config.data.format
@@ -187,6 +190,9 @@ def parse_preferences(obj: Any) -> list[PreferencePair]:
   conversation before it, continued with the first chosen answer of each earlier turn.
   """
   obj = _object(obj)
+  if ("conversations" not in obj and "prompt" not in obj
+      and dialogue_text.looks_like_dialogue(str(obj.get("chosen", "")))):
+    return [parse_hh_pair(obj)]
   if "conversations" not in obj:
     margin = obj.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
@@ -228,6 +234,37 @@ def parse_preferences(obj: Any) -> list[PreferencePair]:
   return pairs
 
 
+def parse_hh_pair(obj: dict) -> PreferencePair:
+  """An Anthropic HH record `{chosen, rejected}`, each a whole `\\n\\nHuman: ... \\n\\nAssistant:
+  ...` dialogue: the turns both share, up to the last shared Human turn, are the context; what
+  follows in each is its reply (one assistant turn's text, or the rest of the dialogue in the
+  same `Human: / Assistant:` form when the two part earlier; data/dialogue_text.py)."""
+  chosen_text, rejected_text = require_text(obj, "chosen"), require_text(obj, "rejected")
+  try:
+    chosen = dialogue_text.split_dialogue(chosen_text)
+    rejected = dialogue_text.split_dialogue(rejected_text)
+  except ValueError as e:
+    raise InvalidRecord("bad_dialogue", str(e)) from e
+  shared = dialogue_text.shared_context(chosen, rejected)
+  if not shared:
+    raise InvalidRecord("no_prompt", "'chosen' and 'rejected' share no dialogue up to a "
+                        "Human turn")
+  if any(not content for _, content in chosen[:shared]):
+    raise InvalidRecord("empty", "a turn of the shared dialogue is empty")
+  context = _check_alternation([Turn(role, content) for role, content in chosen[:shared]])
+
+  def reply(turns):
+    rest = turns[shared:]
+    return rest[0][1] if len(rest) == 1 else dialogue_text.join_dialogue(rest)
+  chosen_reply, rejected_reply = reply(chosen), reply(rejected)
+  if not chosen_reply.strip() or not rejected_reply.strip():
+    raise InvalidRecord("empty", "the chosen or the rejected reply is empty")
+  if _same_answer(chosen_reply, rejected_reply):
+    raise InvalidRecord("same_answer", "'chosen' and 'rejected' end in the same reply (the "
+                        "pair has no preference to learn)")
+  return PreferencePair(context, chosen_reply, rejected_reply)
+
+
 def _same_answer(chosen: str, rejected: str) -> bool:
   # Equal up to surrounding whitespace: both sides then tokenize alike, so the DPO / reward
   # margin is zero by construction and the pair only dilutes the batch.
@@ -245,8 +282,11 @@ def parse_feedback(obj: Any) -> Feedback:
 
 
 def parse_prompt(obj: Any) -> Prompt:
-  """{prompt[, answer]}: a prompt for RL or synthesis."""
+  """{prompt[, answer]}: a prompt for RL or synthesis; GSM8K's {question, answer} too (its
+  answer, the worked solution ending in `#### N`, is kept whole for the math checker)."""
   obj = _object(obj)
+  if "prompt" not in obj and "question" in obj:
+    obj = {**obj, "prompt": obj["question"]}
   answer = obj.get("answer")
   if answer is not None and not isinstance(answer, (str, int, float)):
     raise InvalidRecord("wrong_type", f"field 'answer' must be a string, got "

@@ -1,4 +1,6 @@
-"""Readers of local record files: JSONL (one JSON object per line) and plain text.
+"""Readers of local record files: JSONL (one JSON object per line), plain text, and the two
+forms public datasets are published in: a .json file holding one array of records (Alpaca's
+`alpaca_data.json`) and Parquet (Hugging Face hub datasets; row i is record i + 1).
 
 Every reader reports a malformed record as a `RecordError` naming the file, the 1-based line
 number and what is wrong, or, with `skip_invalid=True`, skips it and counts it in a
@@ -21,6 +23,7 @@ import json
 import os
 from typing import Any, Callable, Iterator, TypeVar
 
+import pyarrow.parquet as pq
 from absl import logging
 
 T = TypeVar("T")
@@ -140,10 +143,42 @@ def iter_jsonl_records(patterns: str, validate: Callable[[Any], T], *,
     yield from _validated_jsonl(path, validate, skip_invalid, counter)
 
 
+def _iter_objects(path: str) -> Iterator[tuple]:
+  """`(line_no, obj)` of a JSONL file's lines, a .json file's top-level array (a published
+  dataset such as Alpaca's `alpaca_data.json`) or a .parquet file's rows (the form of Hugging
+  Face hub datasets), 1-based; bad lines and a .json file that is not an array of records
+  come as `RecordError`s."""
+  if path.endswith(".json"):
+    try:
+      with open(path, encoding="utf-8") as f:
+        array = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      yield 1, RecordError(path, 1, "bad_json", f"invalid JSON file ({e})")
+      return
+    if not isinstance(array, list):
+      yield 1, RecordError(path, 1, "not_array", "a .json file must hold a JSON array of "
+                           f"records, got {type(array).__name__} (JSONL: one per line)")
+      return
+    yield from enumerate(array, start=1)
+  elif path.endswith(".parquet"):
+    for batch_start, batch in _parquet_batches(path):
+      yield from enumerate(batch.to_pylist(), start=batch_start + 1)
+  else:
+    yield from _iter_jsonl_or_errors(path)
+
+
+def _parquet_batches(path: str) -> Iterator[tuple]:
+  """(index of the batch's first row, pyarrow RecordBatch) of a Parquet file, in order."""
+  start = 0
+  for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+    yield start, batch
+    start += batch.num_rows
+
+
 def _validated_jsonl(path: str, validate: Callable[[Any], T], skip_invalid: bool,
                      counter: SkipCounter) -> Iterator[T]:
   def records():
-    for line_no, obj in _iter_jsonl_or_errors(path):
+    for line_no, obj in _iter_objects(path):
       if isinstance(obj, RecordError):
         yield obj
         continue
@@ -260,12 +295,13 @@ def iter_text_records(patterns: str, text_field: str = "text", txt_blocks: bool 
   counter = SkipCounter() if counter is None else counter
   validate = lambda obj: require_text(obj, text_field)
   for path in expand_patterns(patterns):
-    if path.endswith(".jsonl"):
+    if path.endswith((".jsonl", ".json", ".parquet")):
       yield from _validated_jsonl(path, validate, skip_invalid, counter)
     elif path.endswith(".txt"):
       yield from _checked_txt(path, txt_blocks, skip_invalid, counter)
     else:
-      raise ValueError(f"{path}: unsupported file type (expected .jsonl or .txt)")
+      raise ValueError(f"{path}: unsupported file type (expected .jsonl, .json, .parquet or "
+                       ".txt)")
 
 
 def _checked_txt(path: str, blocks: bool, skip_invalid: bool,

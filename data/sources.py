@@ -7,13 +7,15 @@
     conversations  Conversation: SFT           tiny_{alpaca,sharegpt}-*       .jsonl       yes
     preferences    PreferencePair: RM, DPO     tiny_[sharegpt_]preferences-*  .jsonl       -
     feedback       Feedback: KTO               tiny_feedback-*                .jsonl       -
-    prompts        Prompt: RL, synthesis       tiny_prompts[_unseen]-*        .jsonl       -
+    prompts        Prompt: RL, synthesis       tiny_prompts[_unseen]-*        .jsonl       yes
+    labelled       Labelled: task fine-tuning  tiny_goods-*                   .jsonl       yes
 
 Source 'tiny_world' writes the embedded generated data (data/tiny_world.py, data/tiny_tasks.py)
 to `{workdir}/data/` and reads it back like any file. A file is rewritten only when it does not
 already hold exactly that text, so resumed runs and the reference-cache fingerprints see the
 same files; without a workdir, texts and conversations are generated in memory (the same
-records). 'files' reads the comma-separated globs of `config.data.{split}_files`. 'tfds' reads
+records). 'files' reads the comma-separated globs of `config.data.{split}_files` (.jsonl, or
+as public datasets are published, a .json array or .parquet). 'tfds' reads
 a prepared tfds dataset (`tfds_name`, split `train_split` / `eval_split`) by random access:
 texts as its text feature, conversations as records stored feature by feature.
 
@@ -33,6 +35,7 @@ from typing import Any, Callable, Sequence
 from absl import logging
 import ml_collections
 
+from data import classify
 from data import conversation
 from data import records
 from data import tfds_builder
@@ -40,12 +43,12 @@ from data import tiny_tasks
 from data import tiny_world
 
 SOURCES = ("tiny_world", "files", "tfds")
-KINDS = ("texts", "conversations", "preferences", "feedback", "prompts")
+KINDS = ("texts", "conversations", "preferences", "feedback", "prompts", "labelled")
 # 'pairs_eval': the held-out preference pairs of a KTO run (`config.data.pairs_eval_files`).
 SPLITS = ("train", "eval", "pairs_eval")
 # The sources that serve each kind (tfds: only kinds the stages have read from it so far).
 SERVED_BY = {"texts": SOURCES, "conversations": SOURCES, "preferences": ("tiny_world", "files"),
-             "feedback": ("tiny_world", "files"), "prompts": ("tiny_world", "files")}
+             "feedback": ("tiny_world", "files"), "prompts": SOURCES, "labelled": SOURCES}
 TINY_SFT_TASKS = ("alpaca", "sharegpt", "mixed")   # config.data.tiny_task for conversations
 TINY_PREFERENCE_TASKS = {"prompt": "preferences", "sharegpt": "sharegpt_preferences"}
 TINY_PROMPT_SETS = ("unseen", "sft")               # config.data.tiny_prompts
@@ -58,7 +61,7 @@ _PARSER_KINDS = {"conversations": "sft", "preferences": "preferences", "feedback
 
 def load_records(data_config: ml_collections.ConfigDict, kind: str, split: str,
                  workdir: str | None = None, *, counter: records.SkipCounter | None = None,
-                 seed: int = 0) -> Sequence:
+                 seed: int = 0, labels: classify.LabelSpec | None = None) -> Sequence:
   """The records of `kind` in `split` of `data_config.source`, in file order.
 
   Args:
@@ -69,6 +72,7 @@ def load_records(data_config: ml_collections.ConfigDict, kind: str, split: str,
     workdir: where source 'tiny_world' writes its records (`{workdir}/data/`).
     counter: where skipped records are counted (`skip_invalid`).
     seed: the tiny world's sample (RL prompts: `config.seed`); 0 elsewhere.
+    labels: labelled records: what a valid label is (data/classify.py `LabelSpec`).
 
   Returns:
     A list, or a random-access sequence (tuple of tiny-world texts in memory; a tfds
@@ -82,15 +86,17 @@ def load_records(data_config: ml_collections.ConfigDict, kind: str, split: str,
   source = _check(data_config, kind, split)
   counter = records.SkipCounter() if counter is None else counter
   fmt = data_config.format if kind == "conversations" else "auto"
+  parse = _labelled_parser(data_config, labels) if kind == "labelled" else None
   if source == "tfds":
-    return _tfds_records(data_config, kind, split, fmt, counter)
+    return _tfds_records(data_config, kind, split, fmt, counter, parse)
   if source == "tiny_world" and not workdir:
     return _tiny_world_in_memory(data_config, kind, split, fmt, seed)
   # The tiny world writes {"text": ...} whatever field the configured files use.
   text_options = (dict(text_field=data_config.text_field, txt_blocks=data_config.txt_blocks)
                   if source == "files" else {})
   return read_files(record_files(data_config, kind, split, workdir, seed=seed), kind, fmt=fmt,
-                    skip_invalid=data_config.skip_invalid, counter=counter, **text_options)
+                    skip_invalid=data_config.skip_invalid, counter=counter, parse=parse,
+                    **text_options)
 
 
 def record_files(data_config: ml_collections.ConfigDict, kind: str, split: str,
@@ -117,7 +123,8 @@ def record_files(data_config: ml_collections.ConfigDict, kind: str, split: str,
 
 def read_files(parts: Sequence[str], kind: str, *, text_field: str = "text",
                txt_blocks: bool = False, fmt: str = "auto", skip_invalid: bool = False,
-               counter: records.SkipCounter | None = None) -> list:
+               counter: records.SkipCounter | None = None,
+               parse: Callable[[Any], Any] | None = None) -> list:
   """The records of `kind` in each part (comma-separated globs), interleaved part by part
   (first[0], second[0], first[1], ...; a part may run longer than the others).
 
@@ -129,15 +136,19 @@ def read_files(parts: Sequence[str], kind: str, *, text_field: str = "text",
     fmt: conversations: the SFT record format (`conversation.SFT_FORMATS`).
     skip_invalid: skip (count and log) malformed records instead of raising.
     counter: where skipped records are counted.
+    parse: record -> parsed record, instead of the kind's own parser (labelled records:
+      data/classify.py `labelled_parser`, whose fields and labels come from the config).
   """
   if kind not in KINDS:
     raise ValueError(f"unknown record kind {kind!r}; choose one of {KINDS}")
+  if kind == "labelled" and parse is None:
+    raise ValueError("labelled records need their parser (data/classify.py labelled_parser)")
   if kind == "texts":
     read = lambda patterns, count: list(records.iter_text_records(
         patterns, text_field=text_field, txt_blocks=txt_blocks, skip_invalid=skip_invalid,
         counter=count))
   else:
-    parse = _parser(kind, fmt)
+    parse = parse or _parser(kind, fmt)
     read = lambda patterns, count: _flatten(kind, records.iter_jsonl_records(
         patterns, parse, skip_invalid=skip_invalid, counter=count))
   return _interleave(*[_counted(functools.partial(read, part), part, counter)
@@ -158,6 +169,13 @@ def _check(data_config: ml_collections.ConfigDict, kind: str, split: str) -> str
     raise ValueError(f"config.data.source {source!r} does not serve {kind} records; use one "
                      f"of {SERVED_BY[kind]}")
   return source
+
+
+def _labelled_parser(data_config: ml_collections.ConfigDict,
+                     labels: classify.LabelSpec | None) -> Callable[[Any], Any]:
+  if labels is None:
+    raise ValueError("labelled records need a LabelSpec (labels=...)")
+  return classify.labelled_parser(data_config, labels)
 
 
 def _parser(kind: str, fmt: str) -> Callable[[Any], Any]:
@@ -194,13 +212,14 @@ def _interleave(*parts: list) -> list:
 
 
 def _tfds_records(data_config: ml_collections.ConfigDict, kind: str, split: str, fmt: str,
-                  counter: records.SkipCounter) -> Sequence:
+                  counter: records.SkipCounter,
+                  parse: Callable[[Any], Any] | None = None) -> Sequence:
   tfds_split = data_config.train_split if split == "train" else data_config.eval_split
   if kind == "texts":
     return tfds_builder.open_tfds_source(data_config.tfds_name, data_config.tfds_data_dir,
                                          tfds_split, data_config.text_field)
   read = lambda count: _flatten(kind, tfds_builder.iter_tfds_records(
-      data_config.tfds_name, data_config.tfds_data_dir, tfds_split, _parser(kind, fmt),
+      data_config.tfds_name, data_config.tfds_data_dir, tfds_split, parse or _parser(kind, fmt),
       skip_invalid=data_config.skip_invalid, counter=count))
   return _counted(read, f"tfds:{data_config.tfds_name}/{tfds_split}", counter)
 
@@ -240,6 +259,9 @@ def _tiny_world_files(data_config: ml_collections.ConfigDict, kind: str, split: 
     return [_tiny_corpus_files(out_dir, data_config.tiny_world_train_docs,
                                data_config.tiny_world_eval_docs, data_config.tiny_world_domain,
                                seed)[tiny_split]]
+  if kind == "labelled":
+    return [classify.ensure_tiny_goods(out_dir, data_config.tiny_task_train_records,
+                                       data_config.tiny_task_eval_records, seed)[tiny_split]]
   if kind == "prompts":
     prompt_set = data_config.tiny_prompts
     if prompt_set not in TINY_PROMPT_SETS:

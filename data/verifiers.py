@@ -11,6 +11,9 @@ reference answer. The run's checker is `config.data.answer_checker`, resolved on
                           states "42", "It costs 420 coins." does not
   exact                   the reply is the answer, case, punctuation and spacing aside: for
                           prompts whose reply should be the bare answer
+  math                    the reply's final answer (after `####`, in `\\boxed{}`, else its
+                          last number) equals the answer's by value: GSM8K / MATH
+                          (data/math_answers.py)
   "package.module:function"   your own, imported by name
 
 A text reward function `fn(reply, prompt) -> float` scores a decoded reply (stop token
@@ -30,6 +33,7 @@ import importlib
 import re
 from typing import Callable
 
+from data import math_answers
 from data import tiny_tasks
 from data.conversation import Prompt
 
@@ -50,7 +54,8 @@ def exact_answer_match(reply: str, answer: str) -> bool:
 
 
 ANSWER_CHECKERS: dict[str, AnswerChecker] = {"tiny_world": tiny_tasks.answer_correct,
-                                             "exact": exact_answer_match}
+                                             "exact": exact_answer_match,
+                                             "math": math_answers.math_answer_match}
 
 
 def get_answer_checker(name: str, key: str = "config.data.answer_checker") -> AnswerChecker:

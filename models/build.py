@@ -16,12 +16,14 @@ from flax import nnx
 
 from models.decoder import Decoder
 from models.encoder import Encoder
-from models.heads import RewardModel
+from models.heads import EncoderClassifier, RewardModel, SequenceClassifier
 
 Params = dict[str, Any]
 
-MODEL_CLASSES: dict[str, Callable[..., nnx.Module]] = {"decoder": Decoder, "encoder": Encoder,
-                                                       "reward": RewardModel}
+# Model kinds (configs/run_layout.py MODEL_KINDS: what a run's checkpoints hold) -> modules.
+MODEL_CLASSES: dict[str, Callable[..., nnx.Module]] = {
+    "decoder": Decoder, "encoder": Encoder, "reward": RewardModel,
+    "classifier": SequenceClassifier, "encoder_classifier": EncoderClassifier}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,13 +4,17 @@
            -> final norm -> hidden states -> lm head (or tied embedding) -> logits
 
 Style switches (config.model): norm rmsnorm|layernorm, position rope|learned, activation
-swiglu|gelu, num_kv_heads < num_heads for GQA, qkv_bias (Qwen2), out_bias/mlp_bias (GPT-2),
-tie_embeddings. With `scan_layers` the blocks are one stacked module run by `jax.lax.scan`, so
-compile time does not grow with depth; `remat` picks what the backward pass recomputes.
+swiglu|geglu|gelu, num_kv_heads < num_heads for GQA, qkv_bias (Qwen2), out_bias/mlp_bias (GPT-2),
+tie_embeddings; Gemma 2 / 3 add scaled embeddings, (1 + w) RMSNorm, sandwich norms (a second
+norm on each sub-layer's output), soft-capped logits and local / global layer patterns
+(models/layer_pattern.py). With `scan_layers` the blocks are one stacked module run by
+`jax.lax.scan`, so compile time does not grow with depth; `remat` picks what the backward pass
+recomputes.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -19,7 +23,9 @@ import ml_collections
 from flax import nnx
 
 from models import kv_cache
+from models import moe as moe_lib
 from models.attention import Attention
+from models.layer_pattern import layer_kinds, scan_layers
 from models.layers import MLP, dtype_of, make_norm, param
 from parallel.rules import constrain
 
@@ -39,21 +45,38 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs=rngs)
     self.attn.causal = causal
     self.mlp_norm = make_norm(cfg.d_model, cfg, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
+    # Mixture of experts (models/moe.py) in place of the dense MLP when num_experts > 0.
+    self.moe = bool(cfg.get("num_experts", 0))
+    self.mlp = moe_lib.MoE(cfg, rngs=rngs) if self.moe else MLP(cfg, rngs=rngs)
+    # Gemma 2 / 3 sandwich norms: the attention and MLP outputs are normed again before the
+    # residual add (HF's post_attention_layernorm / post_feedforward_layernorm).
+    self.sandwich = bool(cfg.get("sandwich_norms", False))
+    if self.sandwich:
+      self.post_attn_norm = make_norm(cfg.d_model, cfg, rngs=rngs)
+      self.post_mlp_norm = make_norm(cfg.d_model, cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
-               cache: kv_cache.KVCache | None = None):
-    """x -> x; with `cache` (this layer's slice) -> `(x, (k_new, v_new))` (see Attention)."""
+               cache: kv_cache.KVCache | None = None, local: bool | None = None):
+    """x -> x; with `cache` (this layer's slice) -> `(x, (k_new, v_new))` (see Attention).
+    `local`: this layer's kind in a local / global pattern (models/layer_pattern.py)."""
     if cache is None:
-      x = x + self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
+      attn = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
+                       local=local)
     else:
       attn, new_kv = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
-                               cache=cache)
-      x = x + attn
+                               cache=cache, local=local)
+    x = x + (self.post_attn_norm(attn) if self.sandwich else attn)
     x = constrain(x, ("batch", "length", "act_embed"))
-    x = x + self.mlp(self.mlp_norm(x))
+    h = self.mlp_norm(x)
+    h = self.mlp(h, valid=segment_ids > 0) if self.moe else self.mlp(h)
+    x = x + (self.post_mlp_norm(h) if self.sandwich else h)
     x = constrain(x, ("batch", "length", "act_embed"))
     return x if cache is None else (x, new_kv)
+
+
+def _kind(local: bool | None) -> dict:
+  """A block's `local` keyword, only in a patterned stack (encoder blocks take none)."""
+  return {} if local is None else dict(local=local)
 
 
 class BlockStack(nnx.Module):
@@ -68,6 +91,9 @@ class BlockStack(nnx.Module):
       raise ValueError(f"config.model.remat: unknown {cfg.remat!r} ({' | '.join(REMAT_POLICIES)})")
     self.remat = cfg.remat
     self.scan = cfg.scan_layers
+    # Static per-layer kinds (local / global) and the pattern's period; None: all alike.
+    self.kinds = layer_kinds(cfg)
+    self.period = int(cfg.get("sliding_window_pattern", 0) or 0)
     if cfg.scan_layers:
       @nnx.split_rngs(splits=cfg.num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -84,40 +110,53 @@ class BlockStack(nnx.Module):
     if cache is not None:
       return self._cached_call(x, positions=positions, segment_ids=segment_ids, cache=cache)
 
-    def apply_block(h, graphdef, state):
-      return nnx.merge(graphdef, state)(h, positions=positions, segment_ids=segment_ids)
+    def apply_block(h, graphdef, state, local):
+      # -> (h, this block's MoE aux losses, {} for a dense block), taken out of the block
+      # here: a block merged inside the scan / remat is gone after it.
+      block = nnx.merge(graphdef, state)
+      h = block(h, positions=positions, segment_ids=segment_ids, **_kind(local))
+      return h, moe_lib.pop_aux(block)
 
     policy = REMAT_POLICIES[self.remat]
     if self.remat != "none":
       apply_block = jax.checkpoint(apply_block, policy=policy, prevent_cse=not self.scan,
-                                   static_argnums=(1,))
+                                   static_argnums=(1, 3))
     if self.scan:
       graphdef, state = nnx.split(self.layers)
-      x, _ = jax.lax.scan(lambda h, s: (apply_block(h, graphdef, s), None), x, state)
-      return x
-    for block in self.layers:
-      graphdef, state = nnx.split(block)
-      x = apply_block(x, graphdef, state)
+      x, aux = scan_layers(lambda h, s, local: apply_block(h, graphdef, s, local), x, state,
+                           self.kinds, self.period)
+    else:
+      per_layer = []
+      for i, block in enumerate(self.layers):
+        graphdef, state = nnx.split(block)
+        x, layer_aux = apply_block(x, graphdef, state, self.kinds and self.kinds[i])
+        per_layer.append(layer_aux)
+      aux = jax.tree.map(lambda *v: jnp.stack(v), *per_layer) if per_layer[0] else {}
+    if aux:  # MoE: the mean over layers, read by models/moe.py `pop_aux`
+      self.moe_aux = nnx.Intermediate(jax.tree.map(jnp.mean, aux))
     return x
 
   def _cached_call(self, x, *, positions, segment_ids, cache: kv_cache.KVCache):
     # Inference only, so no remat. Layers only read their cache slice and hand back the new
     # tokens' keys / values; one write after the last layer updates the big loop-carried
     # buffers in place (see models/kv_cache.py).
-    def layer(h, block, k, v):
-      return block(h, positions=positions, segment_ids=segment_ids,
-                   cache=cache._replace(k=k, v=v))
+    def layer(h, block, k, v, local):
+      out = block(h, positions=positions, segment_ids=segment_ids,
+                  cache=cache._replace(k=k, v=v), **_kind(local))
+      moe_lib.pop_aux(block)  # routing losses serve training only
+      return out
 
     if self.scan:
       graphdef, state = nnx.split(self.layers)
-      def body(h, xs):
+      def body(h, xs, local):
         layer_state, k, v = xs
-        return layer(h, nnx.merge(graphdef, layer_state), k, v)
-      x, (k_new, v_new) = jax.lax.scan(body, x, (state, cache.k, cache.v))
+        return layer(h, nnx.merge(graphdef, layer_state), k, v, local)
+      x, (k_new, v_new) = scan_layers(body, x, (state, cache.k, cache.v), self.kinds,
+                                      self.period)
     else:
       news = []
       for i, block in enumerate(self.layers):
-        x, kv = layer(x, block, cache.k[i], cache.v[i])
+        x, kv = layer(x, block, cache.k[i], cache.v[i], self.kinds and self.kinds[i])
         news.append(kv)
       k_new, v_new = (jnp.stack(parts) for parts in zip(*news))
     return x, kv_cache.append(cache, k_new, v_new, segment_ids)
@@ -153,6 +192,10 @@ class Decoder(nnx.Module):
     # output comes out batch-sharded instead of feature-sharded.
     table = constrain(self.embed[...], ("vocab", None))
     x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+    if self.config.get("scale_embeddings", False):
+      # Gemma: times sqrt(d_model) rounded to the compute dtype, as HF multiplies (in bfloat16
+      # sqrt(3072) = 55.43 is 55.5).
+      x = x * jnp.asarray(math.sqrt(self.config.d_model), self.dtype)
     if self.config.position == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
@@ -173,6 +216,9 @@ class Decoder(nnx.Module):
     else:
       w = self.lm_head[...].astype(self.dtype)
       out = jnp.dot(h2, w, preferred_element_type=jnp.float32)
+    cap = self.config.get("final_softcap", 0.0)
+    if cap:  # Gemma 2: c * tanh(logits / c) bounds the logits to (-c, c)
+      out = cap * jnp.tanh(out / cap)
     return constrain(out.reshape(*lead, -1), ("batch", "length", "act_vocab"))
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,

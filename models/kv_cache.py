@@ -78,7 +78,7 @@ def init_cache(cfg: ml_collections.ConfigDict, batch: int, length: int) -> KVCac
 
 
 def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Array,
-           layer: KVCache, scale: float, window: int = 0) -> jax.Array:
+           layer: KVCache, scale: float, window: int = 0, softcap: float = 0.0) -> jax.Array:
   """Softmax attention of new tokens over one layer's cached slots and over each other.
 
   Args:
@@ -89,6 +89,7 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
     scale: logit multiplier (1 / sqrt(head_dim)).
     window: sliding window (a query attends to its last `window` tokens); 0: none. A row's
       slots hold consecutive tokens, so slot distance is token distance.
+    softcap: c > 0 caps the scaled logits to c * tanh(logits / c) (Gemma 2); 0: none.
   Returns:
     `[batch, new_len, heads, head_dim]`, in q's dtype.
   """
@@ -98,6 +99,8 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
   f32 = jnp.float32
   old = jnp.einsum("bnkgd,bksd->bkgns", q, layer.k, preferred_element_type=f32) * scale
   new = jnp.einsum("bnkgd,bmkd->bkgnm", q, k_new, preferred_element_type=f32) * scale
+  if softcap:
+    old, new = softcap * jnp.tanh(old / softcap), softcap * jnp.tanh(new / softcap)
   valid = q_segments[:, :, None] > 0
   slots = jnp.arange(layer.segment_ids.shape[1])
   old_mask = ((layer.segment_ids[:, None, :] == q_segments[:, :, None]) & valid

@@ -42,17 +42,24 @@ def dense(x: jax.Array, kernel: jax.Array, in_dims: int = 1, **dot_kwargs) -> ja
 
 
 class RMSNorm(nnx.Module):
-  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 (Zhang & Sennrich, 2019)."""
+  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 (Zhang & Sennrich, 2019).
+
+  With `config.model.norm_plus_one` (Gemma) the factor is (1 + scale) and scale starts at 0:
+  the weights are stored as Gemma stores them, so conversion copies them exactly.
+  """
 
   def __init__(self, dim: int, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.eps = cfg.norm_eps
     self.dtype = dtype_of(cfg.dtype)
-    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), dtype_of(cfg.param_dtype))
+    self.plus_one = bool(cfg.get("norm_plus_one", False))
+    init = nnx.initializers.zeros if self.plus_one else nnx.initializers.ones
+    self.scale = param(rngs, init, (dim,), ("norm",), dtype_of(cfg.param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+    scale = self.scale[...].astype(jnp.float32)
+    return (y * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -138,7 +145,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class MLP(nnx.Module):
-  """SwiGLU (Shazeer, 2020): down(silu(gate x) * up x), or GELU: down(gelu(up x))."""
+  """SwiGLU (Shazeer, 2020): down(silu(gate x) * up x); GeGLU (same paper; Gemma):
+  down(gelu(gate x) * up x); or GELU: down(gelu(up x))."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, f = cfg.d_model, cfg.mlp_dim
@@ -146,19 +154,21 @@ class MLP(nnx.Module):
     self.dtype = dtype_of(cfg.dtype)
     self.activation = cfg.activation
     self.gelu_approximate = cfg.get("gelu_approximate", True)  # False: exact erf GELU (BERT)
-    if cfg.activation not in ("swiglu", "gelu"):
-      raise ValueError(f"config.model.activation: unknown {cfg.activation!r} (swiglu | gelu)")
+    if cfg.activation not in ("swiglu", "geglu", "gelu"):
+      raise ValueError(f"config.model.activation: unknown {cfg.activation!r} "
+                       "(swiglu | geglu | gelu)")
+    self.gated = cfg.activation in ("swiglu", "geglu")
     init = nnx.initializers.normal(cfg.init_std)
     # Output projections scaled by 1/sqrt(2 * layers) so the residual stream's variance does not
     # grow with depth (GPT-2, Radford et al., 2019).
     out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
-    if cfg.activation == "swiglu":
+    if self.gated:
       self.gate = param(rngs, init, (d, f), ("embed", "mlp"), pdt)
     self.up = param(rngs, init, (d, f), ("embed", "mlp"), pdt)
     self.down = param(rngs, out_init, (f, d), ("mlp", "embed"), pdt)
     self.use_bias = cfg.mlp_bias
     if cfg.mlp_bias:
-      if cfg.activation == "swiglu":
+      if self.gated:
         self.gate_bias = param(rngs, nnx.initializers.zeros, (f,), ("mlp",), pdt)
       self.up_bias = param(rngs, nnx.initializers.zeros, (f,), ("mlp",), pdt)
       self.down_bias = param(rngs, nnx.initializers.zeros, (d,), ("norm",), pdt)
@@ -172,6 +182,9 @@ class MLP(nnx.Module):
     up = self._dense(x, self.up, bias("up_bias"))
     if self.activation == "swiglu":
       hidden = jax.nn.silu(self._dense(x, self.gate, bias("gate_bias"))) * up
+    elif self.activation == "geglu":
+      gate = self._dense(x, self.gate, bias("gate_bias"))
+      hidden = jax.nn.gelu(gate, approximate=self.gelu_approximate) * up
     else:
       hidden = jax.nn.gelu(up, approximate=self.gelu_approximate)
     hidden = constrain(hidden, ("batch", "length", "act_mlp"))

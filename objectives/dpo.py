@@ -18,6 +18,9 @@ the losses, per pair (sigma = logistic sigmoid, beta > 0, eps = label_smoothing)
   ipo      (h - 1 / (2 beta))^2
            IPO (Azar et al., 2023, "A General Theoretical Paradigm to Understand Learning from
            Human Preferences", eq. 17); h on summed log-probs as in the paper.
+  ipo_mean (h_mean - 1 / (2 beta))^2,  h_mean = h with every log-prob divided by its answer's
+           length |y| (the log-ratio averaged over tokens): the form IPO's authors confirmed
+           they ran; it keeps the target margin 1 / (2 beta) independent of answer length.
   robust   [(1 - eps)(-log sigma(beta h)) - eps(-log sigma(-beta h))] / (1 - 2 eps)
            robust DPO, unbiased under label flips with rate eps < 1/2 (Chowdhury et al., 2024,
            "Provably Robust DPO: Aligning Language Models with Noisy Feedback", eq. 7).
@@ -31,7 +34,8 @@ the losses, per pair (sigma = logistic sigmoid, beta > 0, eps = label_smoothing)
            reference-free.
 
 Implicit rewards reported as metrics: beta (log pi - log pi_ref) for the reference-based
-losses, beta a = beta / |y| log pi(y|x) for SimPO and ORPO (their length-normalised rewards).
+losses (divided by |y| for ipo_mean), beta a = beta / |y| log pi(y|x) for SimPO and ORPO
+(their length-normalised rewards).
 `rewards/accuracies` counts a pair as right when its chosen reward is higher, and a tie as half
 right: with policy == reference every reward is 0 and accuracy is exactly 0.5.
 
@@ -106,12 +110,24 @@ def robust_loss(logps: PairLogps, hp: Hyper) -> LossOutput:
   return loss, reward_w, reward_l
 
 
-def _mean_log_probs(logps: PairLogps) -> tuple[jax.Array, jax.Array]:
+def _per_token(logps: PairLogps, chosen: jax.Array, rejected: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  """`chosen / |y_w|`, `rejected / |y_l|`."""
   if logps.chosen_tokens is None or logps.rejected_tokens is None:
     raise ValueError("this loss needs completion lengths (chosen_tokens, rejected_tokens)")
   # max(., 1): a pair slot without tokens (padding) must not divide by zero.
-  return (logps.chosen / jnp.maximum(logps.chosen_tokens, 1.0),
-          logps.rejected / jnp.maximum(logps.rejected_tokens, 1.0))
+  return (chosen / jnp.maximum(logps.chosen_tokens, 1.0),
+          rejected / jnp.maximum(logps.rejected_tokens, 1.0))
+
+
+def _mean_log_probs(logps: PairLogps) -> tuple[jax.Array, jax.Array]:
+  return _per_token(logps, logps.chosen, logps.rejected)
+
+
+def ipo_mean_loss(logps: PairLogps, hp: Hyper) -> LossOutput:
+  reward_w, reward_l = _per_token(logps, *log_ratio_rewards(logps, hp.beta))
+  h = (reward_w - reward_l) / hp.beta
+  return jnp.square(h - 1.0 / (2.0 * hp.beta)), reward_w, reward_l
 
 
 def simpo_loss(logps: PairLogps, hp: Hyper) -> LossOutput:
@@ -134,8 +150,8 @@ def orpo_loss(logps: PairLogps, hp: Hyper) -> LossOutput:
 
 
 LOSSES: dict[str, Callable[[PairLogps, Hyper], LossOutput]] = {
-    "sigmoid": sigmoid_loss, "hinge": hinge_loss, "ipo": ipo_loss, "robust": robust_loss,
-    "simpo": simpo_loss, "orpo": orpo_loss,
+    "sigmoid": sigmoid_loss, "hinge": hinge_loss, "ipo": ipo_loss, "ipo_mean": ipo_mean_loss,
+    "robust": robust_loss, "simpo": simpo_loss, "orpo": orpo_loss,
 }
 REFERENCE_FREE = ("simpo", "orpo")
 

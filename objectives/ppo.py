@@ -143,14 +143,17 @@ def whiten(values: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: 
 
 
 def policy_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array, *,
-                clip_eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+                clip_eps: float, clip_eps_high: float | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """PPO's clipped surrogate, per token, as a loss (to minimise).
 
   Args:
     log_probs: `[...]` log pi of the taken tokens under the current policy.
     old_log_probs: `[...]` log pi_old (the policy that sampled them).
     advantages: `[...]` A_t.
-    clip_eps: eps of clip(rho, 1 - eps, 1 + eps).
+    clip_eps: eps of clip(rho, 1 - eps, 1 + eps_high).
+    clip_eps_high: the upper clip, decoupled from the lower one (DAPO's "clip-higher",
+      objectives/grpo.py); None: `clip_eps`.
   Returns:
     (loss `[...]`, ratio rho `[...]`, clipped `[...]` float 1.0 where the clipped term is the
     larger one, i.e. the gradient through rho is cut).
@@ -159,7 +162,8 @@ def policy_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.
   ratio = jnp.exp(log_ratio)
   advantages = jnp.asarray(advantages, jnp.float32)
   unclipped = -advantages * ratio
-  clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+  high = clip_eps if clip_eps_high is None else clip_eps_high
+  clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
   return jnp.maximum(unclipped, clipped), ratio, (clipped > unclipped).astype(jnp.float32)
 
 

@@ -13,7 +13,8 @@ activation constraints): a parameter the rules cannot place is an error naming i
 Parameter names:  vocab, embed, mlp, heads, kv_heads, head_dim, layers (scanned stack),
                   norm (1-D scales and biases), max_length (learned position table),
                   score (the size-1 output of a scalar reward / value head; replicated),
-                  lora_rank (the rank dim of LoRA adapters, models/lora.py; replicated).
+                  lora_rank (the rank dim of LoRA adapters, models/lora.py; replicated),
+                  expert (the experts of a mixture-of-experts layer, models/moe.py).
 Activation names: batch, length, act_embed, act_mlp, act_heads, act_kv_heads, act_head_dim,
                   act_vocab.
 """
@@ -30,14 +31,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "norm",
-              "max_length", "score", "lora_rank")
+              "max_length", "score", "lora_rank", "expert")
 ACTIVATION_AXES = ("batch", "length", "act_embed", "act_mlp", "act_heads", "act_kv_heads",
                    "act_head_dim", "act_vocab")
 
 Rules = Mapping[str, tuple[str, ...]]
 
 _REPLICATED_PARAMS = dict(vocab=(), embed=(), mlp=(), heads=(), kv_heads=(), head_dim=(),
-                          layers=(), norm=(), max_length=(), score=(), lora_rank=())
+                          layers=(), norm=(), max_length=(), score=(), lora_rank=(),
+                          expert=())
 _REPLICATED_ACTS = dict(length=(), act_embed=(), act_mlp=(), act_heads=(), act_kv_heads=(),
                         act_head_dim=(), act_vocab=())
 
@@ -56,6 +58,11 @@ RULE_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
                 "act_mlp": ("tensor",), "act_heads": ("tensor",), "act_kv_heads": ("tensor",),
                 "act_vocab": ("tensor",), "batch": ("data", "fsdp")},
 }
+# Expert parallelism for mixture-of-experts models: fsdp_tp, plus the experts of each MoE
+# layer split over `data` (params are otherwise replicated over `data`, so the axis is free
+# for them): a device stores num_experts / data experts. The grouped matmul gathers the
+# experts its tokens need (models/moe.py).
+RULE_PRESETS["fsdp_tp_ep"] = {**RULE_PRESETS["fsdp_tp"], "expert": ("data",)}
 
 
 def get_rules(name: str) -> dict[str, tuple[str, ...]]:

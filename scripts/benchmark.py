@@ -4,6 +4,8 @@
   python -m scripts.benchmark clm --steps 20 --remat full --attention dense --dtype bfloat16
   python -m scripts.benchmark generate                # 16 prompts x 64 tokens, 128 new tokens
   python -m scripts.benchmark ppo                     # one PPO iteration, 16 x 64-token replies
+  python -m scripts.benchmark grpo                    # one GRPO iteration, 4 prompts x 4 replies
+  python -m scripts.benchmark dpo                     # DPO step, 8 pairs of 128 + 384 tokens
   python -m scripts.benchmark --help
 
 Subcommands (SUBCOMMANDS), each on random weights and random tokens, printing a readable block
@@ -23,6 +25,16 @@ and then one JSON line with every figure:
             rollout of `--prompts` replies of `--new_tokens` (default 64) tokens, scoring by a
             reward model, reference and value head, one epoch of updates; split into
             generation, scoring and update. Needs no tokenizer, run directory or checkpoint.
+  grpo      seconds per GRPO iteration of configs/grpo.py:bench (scripts/benchmarks/grpo.py):
+            `--prompts` (default 4) random prompts x `--samples` (default 4) replies of
+            `--new_tokens` (default 64) tokens, scored by a reward model, the reference's
+            log-probs for the KL in the loss, one on-policy update (no pi_old pass;
+            `--old_log_probs_forward` runs it, to compare); split as ppo.
+  dpo       the DPO train step (sigmoid loss) on the `bench` model with a frozen reference in
+            the step (scripts/benchmarks/dpo.py): `--pairs` rows, each a pair's chosen and
+            rejected sequences back to back as the DPO stage packs them, every sequence a
+            `--pair_prompt_len`-token prompt and a `--pair_reply_len`-token reply; tokens/s,
+            model FLOP/s and MFU as for clm.
 
 `generate` and `ppo` also report model FLOP/s of their forward (and backward) passes and the
 MFU against the measured float32 matmul peak: context, since decoding is bound by memory and
@@ -60,13 +72,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from configs import ppo, pretrain
+from configs import grpo, ppo, pretrain
 from models.build import count_params
 from models.flops import train_flops_per_token
 from parallel.peak import measure_matmul_flops, published_peak_flops
 from parallel.xla_settings import apply_xla_settings, target_platform
+from models.attention_kernels import KERNELS
 from scripts.benchmarks import host_allocator
+from scripts.benchmarks.dpo import benchmark_dpo, dpo_config, format_dpo
 from scripts.benchmarks.generation import benchmark_generate, format_generate
+from scripts.benchmarks.grpo import benchmark_grpo, format_grpo
 from scripts.benchmarks.ppo import benchmark_ppo, format_ppo
 from training.registry import get_stage
 from training.setup import build_setup
@@ -223,10 +238,17 @@ _SUBCOMMAND_FLAGS = {
                                  "temperature"),
     "ppo": _COMMON_FLAGS + ("remat", "prompts", "prompt_len", "new_tokens", "repeats",
                             "temperature"),
+    "grpo": _COMMON_FLAGS + ("remat", "prompts", "samples", "prompt_len", "new_tokens",
+                             "repeats", "temperature", "old_log_probs_forward"),
+    "dpo": _COMMON_FLAGS + ("remat", "steps", "pairs", "pair_prompt_len", "pair_reply_len"),
 }
-_WARMUP = {"clm": 2, "generate": 1, "ppo": 1}
+_WARMUP = {"clm": 2, "generate": 1, "ppo": 1, "grpo": 1, "dpo": 1}
+# clm: 10 timed steps; dpo: 3 (twice clm's tokens, policy and reference: ~2.7x its FLOPs).
+_STEPS = {"clm": 10, "dpo": 3}
 # generate: 128 new tokens per prompt; ppo: replies of 64 (configs/ppo.py:bench's rollout).
-_NEW_TOKENS = {"generate": 128, "ppo": 64}
+_NEW_TOKENS = {"generate": 128, "ppo": 64, "grpo": 64}
+# generate, ppo: 16 prompts; grpo: 4 prompts of 4 samples each.
+_PROMPTS = {"generate": 16, "ppo": 16, "grpo": 4}
 
 
 def define_flags() -> None:
@@ -234,11 +256,12 @@ def define_flags() -> None:
   `dtype`, ...) define flags of the same names, and tests import several in one process."""
   # Every subcommand.
   flags.DEFINE_string("preset", "bench", "Preset of the workload's config: configs/pretrain.py "
-                      "for clm and generate, configs/ppo.py for ppo.")
+                      "for clm and generate (and dpo's model), configs/ppo.py for ppo, "
+                      "configs/grpo.py for grpo.")
   flags.DEFINE_integer("warmup", None, "Untimed steps / calls / iterations run after compiling "
-                       "(default: clm 2, generate 1, ppo 1; ppo's first one compiles).")
-  flags.DEFINE_enum("attention", None, ["auto", "dense", "blockwise"],
-                    "Override config.model.attention.")
+                       "(default: clm 2, generate 1, ppo 1, dpo 1; ppo's first one compiles).")
+  flags.DEFINE_enum("attention", None, list(KERNELS),
+                    "Override config.model.attention (models/attention_kernels.py).")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                     "Override config.model.dtype (compute dtype; params stay float32).")
   flags.DEFINE_list("peak_sizes", ["1024", "2048"],
@@ -257,16 +280,27 @@ def define_flags() -> None:
                     "the layers unrolled, one program per layer). Default: the preset's for "
                     "clm and ppo (bench: unrolled, scanned), scanned for generate.")
   # clm.
-  flags.DEFINE_integer("steps", 10, "clm: timed steps (after warm-up).")
+  flags.DEFINE_integer("steps", None, "clm, dpo: timed steps after warm-up (default: "
+                       + ", ".join(f"{k} {v}" for k, v in _STEPS.items()) + ").")
   flags.DEFINE_integer("batch", None, "clm: override config.data.global_batch_size.")
   flags.DEFINE_integer("seq_len", None, "clm: override config.data.seq_len.")
-  # generate and ppo.
-  flags.DEFINE_integer("prompts", 16, "generate, ppo: prompts per call / iteration.")
-  flags.DEFINE_integer("prompt_len", 64, "generate, ppo: tokens per (random) prompt.")
-  flags.DEFINE_integer("new_tokens", None, "generate, ppo: new tokens per prompt (default: "
+  # generate, ppo and grpo.
+  flags.DEFINE_integer("prompts", None, "generate, ppo, grpo: prompts per call / iteration "
+                       "(default: " + ", ".join(f"{k} {v}" for k, v in _PROMPTS.items()) + ").")
+  flags.DEFINE_integer("prompt_len", 64, "generate, ppo, grpo: tokens per (random) prompt.")
+  flags.DEFINE_integer("new_tokens", None, "generate, ppo, grpo: new tokens per prompt (default: "
                        + ", ".join(f"{k} {v}" for k, v in _NEW_TOKENS.items()) + ").")
-  flags.DEFINE_integer("repeats", 3, "generate, ppo: timed calls / iterations (median).")
-  flags.DEFINE_float("temperature", 1.0, "generate, ppo: sampling temperature (0: greedy).")
+  flags.DEFINE_integer("repeats", 3, "generate, ppo, grpo: timed calls / iterations (median).")
+  flags.DEFINE_float("temperature", 1.0, "generate, ppo, grpo: sampling temperature (0: "
+                     "greedy).")
+  # grpo.
+  flags.DEFINE_integer("samples", 4, "grpo: replies per prompt (the group size G).")
+  flags.DEFINE_bool("old_log_probs_forward", False, "grpo: run the policy's pi_old pass even "
+                    "though the one update is on-policy (what skipping it saves).")
+  # dpo.
+  flags.DEFINE_integer("pairs", 8, "dpo: preference pairs per step (one per row).")
+  flags.DEFINE_integer("pair_prompt_len", 128, "dpo: prompt tokens of each sequence.")
+  flags.DEFINE_integer("pair_reply_len", 384, "dpo: reply tokens of each sequence.")
 
 
 def _override_model(config, names) -> None:
@@ -280,6 +314,16 @@ def _override_model(config, names) -> None:
 def _warmup(subcommand: str) -> int:
   value = flags.FLAGS.warmup
   return _WARMUP[subcommand] if value is None else value
+
+
+def _steps(subcommand: str) -> int:
+  value = flags.FLAGS.steps
+  return _STEPS[subcommand] if value is None else value
+
+
+def _prompts(subcommand: str) -> int:
+  value = flags.FLAGS.prompts
+  return _PROMPTS[subcommand] if value is None else value
 
 
 def _new_tokens(subcommand: str) -> int:
@@ -321,7 +365,7 @@ def clm_config():
 
 
 def run_clm() -> dict[str, Any]:
-  result = benchmark_clm(clm_config(), steps=flags.FLAGS.steps, warmup=_warmup("clm"),
+  result = benchmark_clm(clm_config(), steps=_steps("clm"), warmup=_warmup("clm"),
                          peak_sizes=[int(n) for n in flags.FLAGS.peak_sizes],
                          peak_repeats=flags.FLAGS.peak_repeats)
   print(format_clm(result))
@@ -337,8 +381,8 @@ def run_generate() -> dict[str, Any]:
   _override_model(config, ("attention", "dtype", "scan_layers"))
   f = flags.FLAGS
   result = add_mfu(benchmark_generate(
-      config, batch=f.prompts, prompt_len=f.prompt_len, max_new_tokens=_new_tokens("generate"),
-      temperature=f.temperature, repeats=f.repeats, warmup=_warmup("generate")),
+      config, batch=_prompts("generate"), prompt_len=f.prompt_len,
+      max_new_tokens=_new_tokens("generate"), temperature=f.temperature, repeats=f.repeats, warmup=_warmup("generate")),
       config.model.dtype)
   print(format_generate(result))
   print(format_mfu(result))
@@ -350,7 +394,7 @@ def run_ppo() -> dict[str, Any]:
   _override_model(config, ("remat", "attention", "dtype", "scan_layers"))
   f = flags.FLAGS
   config.rl.temperature = f.temperature
-  result = add_mfu(benchmark_ppo(config, prompts=f.prompts, new_tokens=_new_tokens("ppo"),
+  result = add_mfu(benchmark_ppo(config, prompts=_prompts("ppo"), new_tokens=_new_tokens("ppo"),
                                  prompt_len=f.prompt_len, repeats=f.repeats,
                                  warmup=_warmup("ppo")), config.model.dtype)
   print(format_ppo(result))
@@ -358,9 +402,38 @@ def run_ppo() -> dict[str, Any]:
   return result
 
 
+def run_grpo() -> dict[str, Any]:
+  config = grpo.get_config(flags.FLAGS.preset)
+  _override_model(config, ("remat", "attention", "dtype", "scan_layers"))
+  f = flags.FLAGS
+  config.rl.temperature = f.temperature
+  result = add_mfu(benchmark_grpo(config, prompts=_prompts("grpo"), samples=f.samples,
+                                  new_tokens=_new_tokens("grpo"), prompt_len=f.prompt_len,
+                                  repeats=f.repeats, warmup=_warmup("grpo"),
+                                  old_log_probs_forward=f.old_log_probs_forward),
+                   config.model.dtype)
+  print(format_grpo(result))
+  print(format_mfu(result))
+  return result
+
+
+def run_dpo() -> dict[str, Any]:
+  f = flags.FLAGS
+  config = dpo_config(f.preset, pairs=f.pairs, prompt_len=f.pair_prompt_len,
+                      reply_len=f.pair_reply_len)
+  _override_model(config, ("remat", "attention", "dtype", "scan_layers"))
+  result = add_mfu(benchmark_dpo(config, prompt_len=f.pair_prompt_len,
+                                 reply_len=f.pair_reply_len, steps=_steps("dpo"),
+                                 warmup=_warmup("dpo")), config.model.dtype)
+  print(format_dpo(result))
+  print(format_mfu(result))
+  return result
+
+
 # One entry per workload.
 SUBCOMMANDS: dict[str, Callable[[], dict[str, Any]]] = {
-    "clm": run_clm, "generate": run_generate, "ppo": run_ppo}
+    "clm": run_clm, "generate": run_generate, "ppo": run_ppo, "grpo": run_grpo,
+    "dpo": run_dpo}
 
 
 def main(argv):
@@ -369,8 +442,7 @@ def main(argv):
     raise app.UsageError(f"expected one subcommand ({' | '.join(SUBCOMMANDS)}), got {got}")
   subcommand = argv[1]
   # Only the flags defined here: absl's own (--verbosity, ...) may be set with any subcommand.
-  ours = set(_SUBCOMMAND_FLAGS["clm"] + _SUBCOMMAND_FLAGS["generate"]
-             + _SUBCOMMAND_FLAGS["ppo"])
+  ours = set().union(*_SUBCOMMAND_FLAGS.values())
   unread = sorted(name for name in ours - set(_SUBCOMMAND_FLAGS[subcommand])
                   if flags.FLAGS[name].present)
   if unread:

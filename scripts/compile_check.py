@@ -1,20 +1,33 @@
-"""Compiles a stage's real train step ahead of time for a TPU topology and checks it fits.
+"""Compiles every program of a stage ahead of time for a TPU topology and checks that it fits.
 
   python -m scripts.compile_check --config configs/pretrain.py:llama3_8b --topology v5e:16x16
-  python -m scripts.compile_check --config configs/pretrain.py:llama3_8b --topology v5p-128 \\
-      --config.data.global_batch_size=512 --config.mesh.fsdp=-1
-  python -m scripts.compile_check --config configs/pretrain.py:llama3_8b --topology v5e:16x16 \\
-      --num_slices 2 --config.mesh.dcn_data=2                                     # multi-slice
+  python -m scripts.compile_check --config configs/dpo.py:llama3_8b --topology v5p-128 \\
+      --config.objective.reference_mode=in_step --find_batch
+  python -m scripts.compile_check --config configs/ppo.py:1b --topology v5e-8 \\
+      --config.reward.model=runs/rm --frozen reward_model=1b               # PPO: four models
+  python -m scripts.compile_check --config configs/distill.py:1b_from_8b --topology v5p-128 \\
+      --frozen teacher=llama3_8b                                     # no teacher run here
   python -m scripts.compile_check --config configs/pretrain.py:tiny               # this machine
 
 No TPU is needed: libtpu (`pip install -e .[tpu]`) describes the topology's chips and compiles
-for them while JAX itself stays on the CPU. The step is the one training runs (same model,
-optimizer, mesh, logical-axis rules, donation, gradient accumulation), built from shapes only.
-It prints the per-device memory of the compiled program (arguments, outputs, temporaries)
-against the chip's HBM and exits with status 1 if it does not fit, 0 if it does.
+for them while JAX itself stays on the CPU. The programs are the ones training runs
+(training/programs.py: the train step of every stage, the cached-reference pass, and the RL
+sampler, reward-model and log-prob passes), built from shapes only. For each it prints
+
+  memory   per device, from the compiled program: arguments, temporaries, outputs, code; plus
+           the buffers that stay resident while it runs but are not its arguments (the params
+           of the other models, the optimizer state): its peak, against the chip's HBM
+  flops    XLA's cost analysis of the compiled program against the model FLOPs the benchmark
+           counts (models/flops.py), both counting a loop body once: the ratio shows what
+           remat recomputes (and what the model count leaves out)
+  mesh     its collectives (parallel/hlo_stats.py): what the mesh costs
+
+and the stage's verdict: it fits if every program fits. Exit status 1 if it does not, else 0.
+`--find_batch` searches the largest batch that fits by compiling (doubling, then bisecting
+over multiples of what keeps the batch whole on the mesh) and reports the compiles it took.
 
 `--topology` takes `gen:AxB[xC]` (v4, v5e, v5p, v6e) or an accelerator type (v5litepod-256,
-v5p-128); without it the step is compiled for this machine's devices.
+v5p-128); without it the programs are compiled for this machine's devices.
 """
 
 from __future__ import annotations
@@ -26,15 +39,14 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from configs.cli import parse_flags
-from models.build import count_params
+from parallel.hlo_stats import collective_stats
 from parallel.rules import describe_layout
 from parallel.tpu_topology import parse_topology, topology_devices
+from training.programs import batch_knob, batch_unit, stage_programs
 from training.registry import get_stage
 from training.setup import build_setup
 
@@ -46,51 +58,38 @@ _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined
                                    "set config.mesh.dcn_* to match (e.g. dcn_data).")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Memory budget per device in GiB (default: the "
                               "chip's HBM; required without --topology to get a verdict).")
+_FIND_BATCH = flags.DEFINE_bool("find_batch", False, "Search the largest batch that fits.")
+_FROZEN = flags.DEFINE_multi_string("frozen", [], "name=preset: a frozen model (teacher, "
+                                    "reference, reward_model) as a configs/models.py preset, "
+                                    "when its run is not on this machine.")
+_PROGRAMS = flags.DEFINE_list("programs", [], "Only these programs (default: all).")
 _PRINT_LAYOUT = flags.DEFINE_bool("print_layout", False, "Print every parameter's sharding.")
 flags.mark_flags_as_required(["config"])
 
 GIB = 1 << 30
-
-
-def abstract_batch(config, stage) -> dict[str, Any]:
-  """Shapes and dtypes of one global batch of `stage` (no data is read).
-
-  A stage may define `abstract_batch(config)`; the text stages share the packed-row layout.
-  """
-  if getattr(stage, "abstract_batch", None) is not None:
-    return stage.abstract_batch(config)
-  if stage.name not in ("clm",):
-    raise NotImplementedError(f"stage {stage.name!r} has no abstract_batch(config) yet")
-  shape = (config.data.global_batch_size, config.data.seq_len)
-  dtypes = dict(inputs=jnp.int32, targets=jnp.int32, loss_mask=jnp.float32,
-                segment_ids=jnp.int32, positions=jnp.int32)
-  return {k: jax.ShapeDtypeStruct(shape, dtype) for k, dtype in dtypes.items()}
+# Stands in for `init_from` when a stage needs a path (a frozen reference): never read.
+SHAPES_ONLY = "compile_check:shapes-only"
 
 
 def lower_train_step(config, devices: Sequence[Any] | None = None):
-  """Lowers the train step of `config` for `devices` (default: this machine's) from shapes.
-
-  The run is built by training/setup.py like a training run's, LoRA adapters and frozen models
-  (a LoRA base, a reference, a teacher) included, as sharded shapes only.
+  """Lowers the supervised train step of `config` for `devices` from shapes.
 
   Returns:
     (lowered, setup): `jax.stages.Lowered` and the training/setup.py RunSetup.
   """
-  setup = build_setup(config, get_stage(config.objective.name), devices=devices)
+  stage = get_stage(config.objective.name)
+  setup = build_setup(config, stage, devices=devices)
   frozen = setup.load_frozen(abstract=True)
-  step = setup.train_step(frozen)
-  batch = abstract_batch(config, setup.stage)
-  data_sharding = setup.data_sharding
-  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=data_sharding),
-                       batch)
-  return step.lower(setup.abstract_state, batch, frozen.params), setup
+  batch = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=setup.data_sharding)
+           for k, a in stage.abstract_batch(config).items()}
+  return setup.train_step(frozen).lower(setup.abstract_state, batch, frozen.params), setup
 
 
 def device_memory(compiled) -> dict[str, int]:
   """Per-device bytes of a compiled program, from `compiled.memory_analysis()`.
 
-  `total` is what must fit in one device's memory while the step runs: arguments, temporaries,
-  generated code, and outputs except those written into donated arguments (`alias`).
+  `total` is what must fit in one device's memory while the program runs: arguments,
+  temporaries, generated code, and outputs except those written into donated arguments.
   """
   analysis = compiled.memory_analysis()
   get = lambda name: int(getattr(analysis, name, 0) or 0)
@@ -99,12 +98,6 @@ def device_memory(compiled) -> dict[str, int]:
              code=get("generated_code_size_in_bytes"))
   out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["code"]
   return out
-
-
-def argument_bytes(tree: Any) -> int:
-  """Bytes of one device's shards of a pytree of sharded ShapeDtypeStructs."""
-  return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
-             for a in jax.tree.leaves(tree))
 
 
 _OOM = re.compile(r"Ran out of memory (?:in memory space (\w+)|on (HBM))")
@@ -131,34 +124,150 @@ def _parse_out_of_memory(message: str) -> dict[str, Any] | None:
               available=available, message=line[:300])
 
 
-def remat_peak_memory(config, policies: Sequence[str] = ("none", "full", "save_dots"),
-                      devices: Sequence[Any] | None = None) -> dict[str, dict[str, int]]:
-  """Compiled per-device memory of `config`'s train step under each remat policy.
+def _flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float((analysis or {}).get("flops", 0.0))
 
-  Returns:
-    {policy: device_memory(...)}; `temp` is the activation memory that remat trades for compute.
+
+def measure(program, stage, budget: int | None) -> dict[str, Any]:
+  """Compiles one training/programs.py Program; its memory, FLOPs, collectives and verdict.
+
+  `peak` = the program's own total + the resident buffers it does not take as arguments.
   """
-  results = {}
-  for policy in policies:
-    variant = config.copy_and_resolve_references()
-    variant.model.remat = policy
-    lowered, _ = lower_train_step(variant, devices)
-    results[policy] = device_memory(lowered.compile())
-  return results
+  start = time.perf_counter()
+  other = sum(stage.resident_bytes(n) for n in program.resident if n not in program.uses)
+  out = dict(name=program.name, what=program.what, other_resident=other)
+  try:
+    compiled = program.lower().compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses a program whose buffers exceed the usable HBM, or one whose
+    # fusion needs more on-chip VMEM than there is.
+    refused = _parse_out_of_memory(str(e))
+    if refused is None:
+      raise
+    out.update(refused=refused["message"], fits=False, seconds=time.perf_counter() - start,
+               peak=refused["needed"] + other)
+    return out
+  memory = device_memory(compiled)
+  devices = stage.mesh.size
+  stats = collective_stats(compiled.as_text())
+  out.update(memory, refused=None, seconds=time.perf_counter() - start,
+             peak=memory["total"] + other, compiled_flops=_flops(compiled),
+             model_flops=program.model_flops / devices,
+             counted_flops=program.counted_flops / devices,
+             collectives={op: dict(count=stats.count[op], bytes=stats.bytes[op])
+                          for op in stats.count if stats.count[op]},
+             collectives_text=stats.summary(), loops=stats.loops,
+             unbounded_loops=stats.unbounded_loops)
+  out["fits"] = None if budget is None else out["peak"] <= budget
+  return out
 
 
 def _gib(n: int) -> str:
   return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / (1 << 20):.1f} MiB"
 
 
+def _verdict(used: int, budget: int | None) -> str:
+  if budget is None:
+    return ""
+  return (f" of {_gib(budget)} ({100 * used / budget:.0f}%): "
+          + ("fits" if used <= budget else "DOES NOT FIT"))
+
+
+def report_program(r: dict[str, Any], budget: int | None, say) -> None:
+  say(f"program     {r['name']}: {r['what']}")
+  if r["refused"]:
+    say(f"  memory    refused by the compiler: {r['refused']}; with the resident buffers it "
+        f"does not take ({_gib(r['other_resident'])}): DOES NOT FIT")
+    return
+  say(f"  memory    arguments {_gib(r['argument'])}, temporaries {_gib(r['temp'])}, outputs "
+      f"{_gib(r['output'])} ({_gib(r['alias'])} into donated arguments), code "
+      f"{_gib(r['code'])}: program {_gib(r['total'])}")
+  say(f"            + resident, not its arguments {_gib(r['other_resident'])} = peak "
+      f"{_gib(r['peak'])}{_verdict(r['peak'], budget)}")
+  ratio = r["compiled_flops"] / r["counted_flops"] if r["counted_flops"] else float("nan")
+  say(f"  flops     compiled {r['compiled_flops']:.3g} per device, model {r['counted_flops']:.3g}"
+      f" (x{ratio:.2f}; both a loop body once); model per run {r['model_flops']:.3g}")
+  loops = (f" [{r['loops']} loops, {r['unbounded_loops']} without a constant bound: counted "
+           "once]" if r["unbounded_loops"] else f" [{r['loops']} loops]" if r["loops"] else "")
+  say(f"  mesh      {r['collectives_text']} per run{loops}")
+  say(f"  compile   {r['seconds']:.1f} s")
+
+
+def check_stage(config, devices, budget: int | None, *, presets: dict[str, str],
+                names: Sequence[str] = ()) -> tuple[Any, list[dict[str, Any]]]:
+  """(StagePrograms, measure() of each program, or of those in `names`)."""
+  stage = stage_programs(config, devices, presets)
+  chosen = [p for p in stage.programs if not names or p.name in names]
+  if not chosen:
+    raise ValueError(f"--programs {list(names)}: none of {[p.name for p in stage.programs]}")
+  return stage, [measure(p, stage, budget) for p in chosen]
+
+
+def _stage_fits(results: list[dict[str, Any]]) -> bool | None:
+  verdicts = [r["fits"] for r in results]
+  return False if False in verdicts else None if None in verdicts else True
+
+
+def _with_batch(config, knob: str, value: int):
+  variant = config.copy_and_resolve_references()
+  section, field = knob.split(".")
+  variant[section][field] = value
+  return variant
+
+
+def find_batch(config, devices, budget: int, *, presets, names=(), say=print
+               ) -> dict[str, Any]:
+  """The largest batch (a multiple of `batch_unit`) whose programs all fit, by compiling:
+  doubling from one unit until one does not fit, then bisecting.
+
+  Returns:
+    {knob, unit, largest (0: not even one unit fits), compiles, probes: [{batch, fits,
+    peak}], stage, results: the largest fitting batch's measure() results}.
+  """
+  knob = batch_knob(config)
+  unit = batch_unit(config, stage_programs(config, devices, presets).batch_shards)
+  probes, best, compiles = [], None, 0
+  lo, hi, m = 0, None, 1
+  while hi is None or hi - lo > 1:
+    stage, results = check_stage(_with_batch(config, knob, m * unit), devices, budget,
+                                 presets=presets, names=names)
+    compiles += len(results)
+    fits = _stage_fits(results)
+    peak = max(r["peak"] for r in results)
+    probes.append(dict(batch=m * unit, fits=fits, peak=peak))
+    say(f"find_batch  {knob}={m * unit}: peak {_gib(peak)}"
+        f"{_verdict(peak, budget)} ({sum(r['seconds'] for r in results):.0f} s)")
+    if fits:
+      lo, best = m, (stage, results)
+    else:
+      hi = m
+    m = 2 * m if hi is None else (lo + hi) // 2
+  return dict(knob=knob, unit=unit, largest=lo * unit, compiles=compiles, probes=probes,
+              stage=best[0] if best else None, results=best[1] if best else [])
+
+
+def _parse_presets(values: Sequence[str]) -> dict[str, str]:
+  out = {}
+  for value in values:
+    name, sep, preset = value.partition("=")
+    if not sep or not preset:
+      raise app.UsageError(f"--frozen {value!r}: expected name=preset (teacher=llama3_8b)")
+    out[name] = preset
+  return out
+
+
 def check(config, *, topology: str = "", num_slices: int = 1, hbm_gib: float | None = None,
-          print_layout: bool = False, out=sys.stdout) -> dict[str, Any]:
-  """Compiles `config`'s train step for `topology` and reports its memory; see the module doc.
+          print_layout: bool = False, search: bool = False, presets: dict[str, str] | None = None,
+          names: Sequence[str] = (), out=sys.stdout) -> dict[str, Any]:
+  """Compiles `config`'s programs for `topology` and reports them; see the module doc.
 
   Returns:
     A summary dict (also printed as the last line, JSON) with `fits` True / False / None.
   """
   say = lambda text, end="\n": print(text, file=out, flush=True, end=end)
+  presets = presets or {}
   devices, budget, target_name = None, None, "this machine"
   if topology:
     target = parse_topology(topology, num_slices)
@@ -166,60 +275,52 @@ def check(config, *, topology: str = "", num_slices: int = 1, hbm_gib: float | N
     budget, target_name = target.hbm_bytes, str(target)
   if hbm_gib:
     budget = int(hbm_gib * GIB)
-  start = time.perf_counter()
-  lowered, setup = lower_train_step(config, devices)
-  try:
-    memory = device_memory(lowered.compile())
-    refused = None
-  except jax.errors.JaxRuntimeError as e:
-    # The TPU compiler itself refuses a program whose buffers exceed the usable HBM, or one
-    # whose fusion needs more on-chip VMEM than there is.
-    refused = _parse_out_of_memory(str(e))
-    if refused is None:
-      raise
-    memory = dict(argument=argument_bytes(setup.abstract_state), temp=refused["needed"])
-    if refused["available"]:
-      budget = refused["available"]
-  seconds = time.perf_counter() - start
-  mesh, spec = setup.mesh, setup.spec
-  device = mesh.devices.flat[0]
-  params = count_params(spec.shapes)
-  state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(setup.abstract_state))
-
-  say(f"target      {target_name}: {mesh.size} x {device.device_kind}"
+  config = config.copy_and_resolve_references()
+  if not config.init_from:
+    config.init_from = SHAPES_ONLY
+  found = None
+  if search:
+    if budget is None:
+      raise app.UsageError("--find_batch needs a budget: --topology or --hbm_gib")
+    found = find_batch(config, devices, budget, presets=presets, names=names, say=say)
+    stage, results = found["stage"], found["results"]
+    if stage is not None:
+      config = _with_batch(config, found["knob"], found["largest"])
+  if not search or stage is None:
+    stage, results = check_stage(config, devices, budget, presets=presets, names=names)
+  mesh = stage.mesh
+  say(f"target      {target_name}: {mesh.size} x {mesh.devices.flat[0].device_kind}"
       + (f", {_gib(budget)} per device" if budget else ""))
-  say(f"mesh        {dict(mesh.shape)}, rules {config.mesh.rules!r}; batch "
-      f"{config.data.global_batch_size} x {config.data.seq_len}, grad_accum "
-      f"{config.train.grad_accum_steps}, remat {config.model.remat!r}, scan_layers "
-      f"{config.model.scan_layers}, compute {config.model.dtype}")
-  say(f"model       {params / 1e9:.3f} B params; train state {_gib(state_bytes)} in all")
-  if refused:
-    say(f"compiled    refused after {seconds:.1f} s: {refused['message']}")
-    if refused["memory"] == "hbm":
-      say(f"per device  train state {_gib(memory['argument'])}, temporaries "
-          f"{_gib(memory['temp'])} needed of {_gib(budget)} usable: DOES NOT FIT")
-    else:
-      say(f"per device  train state {_gib(memory['argument'])}; one fusion does not fit the "
-          f"chip's {refused['memory']}: DOES NOT FIT (fewer rows or heads per device)")
-    fits = False
-  else:
-    say(f"compiled    in {seconds:.1f} s")
-    say(f"per device  arguments {_gib(memory['argument'])}, outputs {_gib(memory['output'])} "
-        f"({_gib(memory['alias'])} into donated arguments), temporaries "
-        f"{_gib(memory['temp'])}, code {_gib(memory['code'])}")
-    fits = None if budget is None else memory["total"] <= budget
-    verdict = "" if budget is None else (
-        f" of {_gib(budget)} ({100 * memory['total'] / budget:.0f}%): "
-        + ("fits" if fits else "DOES NOT FIT"))
-    say(f"total       {_gib(memory['total'])}{verdict}")
+  knob = batch_knob(config)
+  section, field = knob.split(".")
+  say(f"stage       {stage.stage}: mesh {dict(mesh.shape)}, rules {config.mesh.rules!r}; "
+      f"{knob} {config[section][field]}, grad_accum {config.train.grad_accum_steps}, remat "
+      f"{config.model.remat!r}, scan_layers {config.model.scan_layers}, compute "
+      f"{config.model.dtype}")
+  resident = {n: stage.resident_bytes(n) for n in stage.resident}
+  say(f"model       {stage.params / 1e9:.3f} B params; resident per device: "
+      + ", ".join(f"{n} {_gib(b)}" for n, b in resident.items()))
+  for r in results:
+    report_program(r, budget, say)
+  fits = _stage_fits(results)
+  if found is not None:
+    say(f"find_batch  largest {found['knob']} that fits: {found['largest']} (multiples of "
+        f"{found['unit']}), {found['compiles']} compiles")
+  if budget is not None:
+    say("verdict     " + ("fits" if fits else "DOES NOT FIT") + ": every program's peak (its "
+        "own memory + the params and optimizer state resident beside it) within the budget")
   if print_layout:
-    say(describe_layout(spec.logical_axes, setup.abstract_state["params"]), end="")
+    say(describe_layout(stage.logical_axes, stage.resident["params"]), end="")
+  strip = lambda r: {k: v for k, v in r.items() if k != "collectives_text"}
   summary = dict(target=topology or "local", num_slices=num_slices, devices=mesh.size,
-                 mesh=dict(mesh.shape), batch=config.data.global_batch_size,
-                 seq_len=config.data.seq_len, params=params, compile_seconds=round(seconds, 1),
-                 budget=budget, fits=fits, refused=bool(refused),
-                 **{f"{k}_bytes": v for k, v in memory.items()})
-  say(json.dumps(summary))
+                 mesh=dict(mesh.shape), stage=stage.stage, batch_knob=knob,
+                 batch=config[section][field], seq_len=config.data.seq_len, params=stage.params,
+                 budget=budget, fits=fits, resident_bytes=resident,
+                 peak_bytes=max(r["peak"] for r in results),
+                 programs=[strip(r) for r in results],
+                 find_batch=None if found is None else {k: found[k] for k in (
+                     "knob", "unit", "largest", "compiles", "probes")})
+  say(json.dumps(summary, default=float))
   return summary
 
 
@@ -231,7 +332,9 @@ def main(argv):
     # the check never touches (or waits for) chips a training run may hold.
     jax.config.update("jax_platforms", "cpu")
   summary = check(_CONFIG.value, topology=_TOPOLOGY.value, num_slices=_NUM_SLICES.value,
-                  hbm_gib=_HBM_GIB.value, print_layout=_PRINT_LAYOUT.value)
+                  hbm_gib=_HBM_GIB.value, print_layout=_PRINT_LAYOUT.value,
+                  search=_FIND_BATCH.value, presets=_parse_presets(_FROZEN.value),
+                  names=_PROGRAMS.value)
   sys.exit(1 if summary["fits"] is False else 0)
 
 

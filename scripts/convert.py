@@ -17,14 +17,31 @@
       <the --config.model.* overrides printed by the conversion>
   python -m scripts.convert --from runs/mlm_base --to-hf exports/mlm_base
 
-Families: llama, mistral, qwen2, gpt2, and their one-label *ForSequenceClassification (reward
-/ value heads); bert (masked LM, our "encoder"). Conversion streams one tensor at a time; see
-models/convert/ and training/hf_runs.py.
+  # sequence classifiers (configs/classify.py) both ways: *ForSequenceClassification with
+  # 2+ labels imports as it is; an LM's body gets a fresh head of --num_labels outputs; a
+  # classify run exports as *ForSequenceClassification with its label names
+  python -m scripts.convert --from-hf /models/bert-base-uncased --to runs/bert_mnli \\
+      --kind encoder_classifier --num_labels 3
+  python -m scripts.convert --from runs/mnli --to-hf exports/mnli
+
+  # what a checkpoint holds (tensors, shapes, dtypes, parameters, family) and what each
+  # tensor would become; reads headers only
+  python -m scripts.convert --inspect /models/Qwen2.5-0.5B
+
+Families: llama, mistral, qwen2, qwen3, mixtral, qwen3_moe, gpt2, and their one-label *ForSequenceClassification (reward
+/ value heads); bert (masked LM, our "encoder"). Base models (LlamaModel, BertModel, ...) import
+too: a head they lack starts fresh (logged). Conversion streams one tensor at a time; see
+models/convert/ and training/hf_runs.py. A checkpoint that does not convert is one
+`error: ...` line naming the file and tensor.
 """
+
+import sys
 
 from absl import app, flags, logging
 
 from configs.base import base_config
+from models.convert.errors import ConversionError
+from models.convert.inspection import describe_checkpoint
 from parallel.mesh import make_mesh
 from parallel.rules import get_rules
 from training.hf_runs import export_hf, import_hf
@@ -43,13 +60,19 @@ def define_flags():
   flags.DEFINE_string("to", None, "Run directory to write (with --from-hf).")
   flags.DEFINE_string("from", None, "Run directory (or checkpoint) to export.")
   flags.DEFINE_string("to-hf", None, "Hugging Face folder to write (with --from).")
-  flags.DEFINE_string("kind", None, "Our model kind (decoder | reward | encoder); default: "
+  flags.DEFINE_string("inspect", None, "Print what this Hugging Face folder holds and what "
+                      "each tensor would convert to; writes nothing.")
+  flags.DEFINE_string("kind", None, "Our model kind (decoder | reward | encoder | classifier | "
+                      "encoder_classifier); default: "
                       "inferred from the HF architecture or the run's stage.")
+  flags.DEFINE_integer("num_labels", 0, "Import as a classifier kind with this many labels "
+                       "(0: the HF config's; a head the checkpoint lacks starts fresh).")
   flags.DEFINE_string("param_dtype", "float32", "Stored dtype of imported params.")
   flags.DEFINE_bool("scan_layers", True, "Import with stacked (scanned) block params.")
   flags.DEFINE_string("dtype", None, "Exported tensor dtype (default: param_dtype).")
-  flags.DEFINE_string("family", None, "Exported HF family (llama | mistral | qwen2 | gpt2 | "
-                      "bert); default inferred from the model config and kind.")
+  flags.DEFINE_string("family", None, "Exported HF family (llama | mistral | qwen2 | qwen3 | "
+                      "mixtral | qwen3_moe | gemma2 | gemma3_text | gpt2 | bert); default "
+                      "inferred from the model config and kind.")
   flags.DEFINE_integer("max_shard_mb", 5000, "Exported safetensors shard size (MB).")
   flags.DEFINE_integer("mesh_data", 0, "Import sharded: data axis size (-1 fills).")
   flags.DEFINE_integer("mesh_fsdp", 0, "Import sharded: fsdp axis size (-1 fills).")
@@ -78,6 +101,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   f = flags.FLAGS
+  try:
+    _convert(f)
+  except ConversionError as e:
+    sys.exit(f"error: {e}")
+
+
+def _convert(f):
+  if f.inspect:
+    print(describe_checkpoint(f.inspect, f.kind), end="")
+    return
   from_hf, to, from_run, to_hf = f["from-hf"].value, f.to, f["from"].value, f["to-hf"].value
   importing = bool(from_hf and to)
   exporting = bool(from_run and to_hf)
@@ -86,7 +119,8 @@ def main(argv):
   if importing:
     mesh, rules = _mesh(f)
     model_cfg = import_hf(from_hf, to, kind=f.kind, param_dtype=f.param_dtype,
-                                  scan_layers=f.scan_layers, mesh=mesh, rules=rules)
+                                  scan_layers=f.scan_layers, mesh=mesh, rules=rules,
+                                  num_labels=f.num_labels or None)
     print(f"wrote {to}; start a stage from it with\n  --config.init_from={to} "
           + " ".join(model_overrides(model_cfg)))
   else:

@@ -3,12 +3,18 @@
   python -m scripts.evaluate --workdir runs/pretrain_tiny
   python -m scripts.evaluate --workdir runs/pretrain_tiny --eval_files 'heldout/*.jsonl' \\
       --output runs/pretrain_tiny/eval_heldout.json
+  python -m scripts.evaluate --workdir runs/tiny/sft --tasks tiny_world_mc,tiny_world_qa,arc.jsonl
 
 The run's own config (`config.json`) decides the stage, model and data; the whole eval split
-is read once (or `--max_batches`), and the stage's own evaluation (e.g. generation accuracy)
-runs too. A LoRA run is evaluated as its adapters merged onto their base; an RL run (PPO,
-GRPO, RLOO, online DPO) by its held-out rollouts (training/rl/evaluation.py), the figures its
-eval iterations log. Metrics are printed and, with `--output`, written as JSON.
+is read once (or `--max_batches`), and the stage's own evaluation (e.g. generation accuracy;
+a classify run's whole-set task figures eval_task/*: accuracy and macro-F1, or MSE, Pearson
+and Spearman) runs too. A LoRA run is evaluated as its adapters merged onto their base; an RL
+run (PPO, GRPO, RLOO, online DPO) by its held-out rollouts (training/rl/evaluation.py), the
+figures its eval iterations log. Metrics are printed and, with `--output`, written as JSON.
+
+`--tasks FILE[,FILE]` scores the run on tasks instead (training/task_eval.py): multiple
+choice by log-likelihood (acc, acc_norm), generation by an answer checker (greedy), perplexity
+of text; written to `{workdir}/task_eval.json` too, which `scripts.report` shows.
 """
 
 import json
@@ -25,6 +31,7 @@ from training.registry import get_stage
 from training.rl.loop import RLTrainer
 from training.runs import load_model, load_params
 from training.setup import build_setup
+from training.task_eval import evaluate_tasks
 from training.stage import EvalContext
 
 
@@ -37,9 +44,12 @@ def evaluate_run(workdir: str, eval_files: str = "", max_batches: int = 0) -> di
   stage = get_stage(config.objective.name)
   if stage.train is not None:  # an RL run: its held-out rollouts, as at its eval iterations
     return evaluate_rl_run(config, workdir)
-  # A LoRA run is evaluated as the model it trained: adapters merged onto their base.
+  # A LoRA run is evaluated as the model it trained: adapters merged onto their base. Only
+  # the latest checkpoint is evaluated, not also the model the run started from (eval.before).
   with config.unlocked():
     config.lora.enabled = False
+    if "eval" in config and "before" in config.eval:
+      config.eval.before = False
   setup = build_setup(config, stage)
   tokenizer = resolve_tokenizer(config.data, workdir)
   model = load_model(workdir, kind=stage.model_kind, mesh=setup.mesh, rules=setup.rules,
@@ -78,7 +88,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  metrics = evaluate_run(flags.FLAGS.workdir, flags.FLAGS.eval_files, flags.FLAGS.max_batches)
+  if flags.FLAGS.tasks:  # task evaluation (training/task_eval.py) instead of the split's
+    metrics = evaluate_tasks(flags.FLAGS.workdir, flags.FLAGS.tasks,
+                             batch_size=flags.FLAGS.task_batch_size,
+                             max_new_tokens=flags.FLAGS.max_new_tokens,
+                             limit=flags.FLAGS.task_limit)
+  else:
+    metrics = evaluate_run(flags.FLAGS.workdir, flags.FLAGS.eval_files,
+                           flags.FLAGS.max_batches)
   for key in sorted(metrics):
     print(f"{key:32s} {metrics[key]:.6g}")
   if flags.FLAGS.output:
@@ -93,6 +110,12 @@ def define_flags():
                                     "(sets config.data.source=files).")
   flags.DEFINE_integer("max_batches", 0, "Stop after this many batches (0: all).")
   flags.DEFINE_string("output", "", "Write the metrics here as JSON.")
+  flags.DEFINE_list("tasks", [], "Task files (docs/formats.md, Evaluation tasks) or built-in "
+                    "tasks (tiny_world_mc, tiny_world_qa) to score instead of the eval split; "
+                    "results also go to {workdir}/task_eval.json.")
+  flags.DEFINE_integer("task_batch_size", 32, "Sequences scored (or prompts generated) at once.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Generation tasks: reply length limit.")
+  flags.DEFINE_integer("task_limit", 0, "Score only the first N items of each task (0: all).")
   flags.mark_flag_as_required("workdir")
 
 

@@ -7,10 +7,14 @@
     pretrain -> cpt (new domain) -> sft -> reward model -> dpo (offline preferences)
              -> ppo, grpo, online dpo (online: sample, score, train again, from SFT)
              -> distill (teacher: pretrain) ;  mlm (the encoder, independent)
+             -> classify (a task head on the pretrained decoder) ; classify_encoder (on mlm)
 
 Each stage trains in `{workdir}/{stage}` through the same entry as `scripts.train`, so a
 stopped pipeline resumes where it stopped (finished stages are skipped at no cost). At the end
-a summary of every stage's held-out figures is printed and written to `{workdir}/summary.json`.
+a summary of every stage's held-out figures is printed and written to `{workdir}/summary.json`,
+and `{workdir}/report.html` (training/reports.py) shows every stage's curves, before / after
+figures and command, and the RL before / after table. Each stage starts with a "stage k of n"
+line with the elapsed and the estimated remaining time.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from configs.cli import parse_flags
 from training.checkpoint import CheckpointError
 from training.metrics import quiet_library_logs, read_metrics
 from training.outer_loop import ConfigChangeError, NonFiniteError
+from training.eta import Countdown
 from training.preemption import PREEMPTED_EXIT_CODE, Preempted
+from training.reports import pipeline_report
 from training.workdir_lock import WorkdirLockedError
 from training.run import run_stage
 
@@ -43,11 +49,14 @@ PIPELINE = (
     ("online_dpo", "online_dpo", "tiny", {"init_from": "{sft}"}),
     ("distill", "distill", "tiny", {"objective.teacher": "{pretrain}"}),
     ("mlm", "mlm", "tiny", {}),
+    ("classify", "classify", "tiny", {"init_from": "{pretrain}"}),
+    ("classify_encoder", "classify", "tiny_encoder", {"init_from": "{mlm}"}),
 )
 # The held-out figure each stage exists for (shown in the summary when logged).
 HEADLINES = ("eval/loss", "eval_replay/loss", "eval/answer_accuracy", "eval/accuracy",
              "eval/pairs/accuracy", "eval/reward", "eval/sampled_reward", "eval/kl", "eval/nll",
-             "eval/masked_accuracy")
+             "eval/masked_accuracy", "eval_task/accuracy", "eval_task/macro_f1",
+             "eval_task_init/accuracy")
 
 
 
@@ -97,7 +106,9 @@ def run_pipeline(workdir: str, stages: list[str]) -> dict[str, dict[str, float]]
   if os.path.exists(summary_path):
     with open(summary_path, encoding="utf-8") as f:
       summary = {k: v for k, v in json.load(f).items() if k not in stages}
+  countdown = Countdown(len(stages))
   for name, module, preset, overrides in stage_plan(workdir, stages):
+    print(f"=== {countdown.line(stages.index(name) + 1, 'stage', name)}", flush=True)
     config = importlib.import_module(f"configs.{module}").get_config(preset)
     for path, value in overrides.items():
       set_field(config, path, value)
@@ -108,7 +119,18 @@ def run_pipeline(workdir: str, stages: list[str]) -> dict[str, dict[str, float]]
     with open(summary_path, "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2, sort_keys=True)
   # Every stage with figures in this workdir, in pipeline order.
-  return {name: summary[name] for name, *_ in PIPELINE if name in summary}
+  summary = {name: summary[name] for name, *_ in PIPELINE if name in summary}
+  write_report(workdir, summary)
+  return summary
+
+
+def write_report(workdir: str, summary: dict[str, dict[str, float]]) -> str:
+  """`{workdir}/report.html` (and report.md): every stage run in this workdir, with its
+  curves, before / after figures and command (training/reports.py); returns the HTML path."""
+  ran = [name for name, *_ in PIPELINE if os.path.isdir(os.path.join(workdir, name))]
+  commands = [(name, shlex.join(command(workdir, name, module, preset, overrides)))
+              for name, module, preset, overrides in stage_plan(workdir, ran)]
+  return pipeline_report(workdir, commands, summary)[1]
 
 
 def main(argv):

@@ -8,7 +8,8 @@ Each run is `python -m scripts.train` in its own process and workdir
 rerunning the sweep resumes unfinished runs and skips finished ones. Arguments after `--` go to
 every run. `--dry_run` only prints the commands (e.g. to hand them to a cluster scheduler).
 The summary (last logged metrics of every run, best `--metric` first) is printed and written
-to `{workdir}/sweep.jsonl`.
+to `{workdir}/sweep.jsonl`, and `{workdir}/report.html` shows the ranked runs and `--metric`
+against the swept fields (a line for one field, a heatmap for two).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import sys
 from absl import app, flags
 
 from configs.cli import parse_flags
+from training.eta import Countdown
 from training.metrics import read_metrics
+from training.reports import sweep_report
 
 
 
@@ -68,6 +71,18 @@ def summarise(runs: list[tuple[str, list[str]]], metric: str) -> list[dict]:
   return sorted(rows, key=lambda r: (metric not in r, r.get(metric, 0.0)))
 
 
+def write_report(workdir: str, grid: list[str], rows: list[dict], metric: str) -> str:
+  """`{workdir}/report.html` (and .md): the ranked runs and `metric` against the swept
+  fields (training/reports.py); returns the HTML path."""
+  axes = parse_grid(grid)
+  fields = [field for field, _ in axes]
+  values = {}
+  for assignment in itertools.product(*[[(f, v) for v in vs] for f, vs in axes]):
+    values[run_name(list(assignment))] = dict(assignment)
+  rows = [{**values.get(row["run"], {}), **row} for row in rows]
+  return sweep_report(workdir, rows, fields, metric)[1]
+
+
 def main(argv):
   runs = sweep_commands(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.grid, argv[1:])
   if flags.FLAGS.dry_run:
@@ -75,8 +90,9 @@ def main(argv):
       print(shlex.join(command))
     return
   failed = []
-  for run_dir, command in runs:
-    print(f"== {os.path.basename(run_dir)}", flush=True)
+  countdown = Countdown(len(runs))
+  for k, (run_dir, command) in enumerate(runs, start=1):
+    print(f"== {countdown.line(k, 'run', os.path.basename(run_dir))}", flush=True)
     if subprocess.run(command, check=False).returncode:
       failed.append(os.path.basename(run_dir))
   rows = summarise(runs, flags.FLAGS.metric)
@@ -87,6 +103,8 @@ def main(argv):
     value = row.get(flags.FLAGS.metric)
     shown = f"{value:.4f}" if isinstance(value, float) else "-"
     print(f"{row['run']:40s} {flags.FLAGS.metric} {shown}  step {row.get('step', '-')}")
+  report = write_report(flags.FLAGS.workdir, flags.FLAGS.grid, rows, flags.FLAGS.metric)
+  print(f"report: {report}")
   if failed:
     sys.exit(f"failed runs: {', '.join(failed)}")
 

@@ -1,6 +1,8 @@
 """AdamW with linear warmup then cosine / linear / constant decay, global-norm clipping, and
 weight decay masked off norms and biases (Loshchilov & Hutter, 2019; decay on gains and biases
-only hurts, as GPT-3 and LLaMA training setups note)."""
+only hurts, as GPT-3 and LLaMA training setups note). For partial fine-tuning
+(`config.train.trainable`) the whole chain sees only the trained parts (training/trainable.py):
+clipping, moments and decay ignore frozen params, which get no optimizer state."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from typing import Any
 import jax
 import ml_collections
 import optax
+
+from training.trainable import TrainableParts
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -39,12 +43,16 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
+                   parts: TrainableParts | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, learning-rate schedule) from `config.optimizer`; with `parts`, the optimizer
+  updates only those parts of the params (the rest get -0.0 updates: unchanged)."""
   schedule = learning_rate_schedule(cfg, total_steps)
-  parts = []
+  transforms = []
   if cfg.grad_clip and cfg.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask))
-  return optax.chain(*parts), schedule
+    transforms.append(optax.clip_by_global_norm(cfg.grad_clip))
+  transforms.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                weight_decay=cfg.weight_decay, mask=decay_mask))
+  optimizer = optax.chain(*transforms)
+  return (optimizer if parts is None else parts.optimizer(optimizer)), schedule

@@ -30,6 +30,7 @@ from configs.run_layout import (append_config_history, checkpoint_dir, config_ch
 
 from objectives.reductions import Metrics, add_metrics, finalize_metrics
 from training.checkpoint import Checkpointer
+from training.eta import Countdown
 from training.metrics import MetricsWriter
 from training.preemption import Preempted, PreemptionWatch
 from training.workdir_lock import WorkdirLock
@@ -255,6 +256,7 @@ class OuterLoop:
             # The first step of a process compiles; time from its end.
             jax.block_until_ready(carry)
             window_start = time.perf_counter()
+            countdown = Countdown(end, first=step)  # the ETA of the progress line
           window.add(result, count_tokens=not first)
           preempted = watch.should_stop(step)
           log_step = step % train.log_every == 0 or step == total
@@ -279,7 +281,9 @@ class OuterLoop:
             self.writer.write(step, record)
             last.update(record)
             if is_primary and any(k.startswith("train/") for k in record):
-              logging.info("%s", self.progress(step, total, record, last))
+              eta = countdown.eta(step) if step < end else ""
+              logging.info("%s%s", self.progress(step, total, record, last),
+                           f" | {eta}" if eta else "")
           if preempted:
             break
         if not preempted:

@@ -1,6 +1,7 @@
 """The stage registry: `config.objective.name` -> its Stage (training/stage.py).
 
     clm, mlm, sft, reward, dpo, distill    training/stages/*.py, trained by training/loop.py
+    classify, classify_encoder             training/stages/classify.py (task fine-tuning)
     ppo, grpo, rloo, online_dpo            training/rl/stages.py, each with its own loop
 
 Adding a stage is one module exporting `STAGE` and one entry below.
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 from training.rl import stages as rl_stages
 from training.stage import Stage
-from training.stages import clm, distill, dpo, mlm, reward, sft
+from training.stages import classify, clm, distill, dpo, mlm, reward, sft
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    clm.STAGE, mlm.STAGE, distill.STAGE, sft.STAGE, reward.STAGE, dpo.STAGE,
-    *rl_stages.STAGES)}
+    clm.STAGE, mlm.STAGE, distill.STAGE, sft.STAGE, reward.STAGE, dpo.STAGE, classify.STAGE,
+    classify.ENCODER_STAGE, *rl_stages.STAGES)}
 
 
 def get_stage(name: str) -> Stage:

@@ -39,7 +39,8 @@ from training.checkpoint import Checkpointer
 
 # The model kind of runs written before config.json recorded it, by objective (the stage
 # registry's `model_kind`; tests/training/test_runs.py checks the two agree).
-_LEGACY_KINDS = {"mlm": "encoder", "reward": "reward"}
+_LEGACY_KINDS = {"mlm": "encoder", "reward": "reward", "classify": "classifier",
+                 "classify_encoder": "encoder_classifier"}
 
 
 def run_model_kind(config: ml_collections.ConfigDict) -> str:

@@ -4,8 +4,9 @@ Everything that trains, checks or measures a stage builds it here, from the conf
 
     mesh (parallel/mesh.py) + logical-axis rules (parallel/rules.py)
       -> the stage's model spec (models/build.py), wrapped in
-         LoRA adapters when `config.lora.enabled` (models/lora.py)
-      -> optimizer + schedule (training/optimizer.py)
+         LoRA adapters when `config.lora.enabled` (models/lora.py), or freezing all but
+         `config.train.trainable` of it (training/trainable.py)
+      -> optimizer + schedule (training/optimizer.py; only the trained parts have state)
       -> abstract train state: shapes with shardings, no memory (training/state.py)
       -> frozen models: the stage's (reference, teacher) and a LoRA run's base, restored
          sharded (training/runs.py), or only their shapes (`abstract=True`, for AOT compiles)
@@ -37,6 +38,7 @@ from training.runs import load_params, sharded_target
 from training.stage import Stage
 from training.state import TrainState, abstract_train_state, init_train_state, shardings_of
 from training.step import LORA_BASE, make_eval_step, make_train_step
+from training.trainable import PartialSpec, trainable_parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,12 +158,23 @@ def build_setup(config: ml_collections.ConfigDict, stage: Stage, *,
     spec: the model to train instead of the stage's `model_kind` (the RL actor-critic).
     total_updates: optimizer updates the schedule spans (default `config.train.steps`).
   """
+  base_spec = spec or build_model_spec(config.model, stage.model_kind)
+  # Checked before the mesh: a bad `train.trainable` is one line naming its key.
+  parts = trainable_parts(config.train, base_spec)
+  if parts is not None and lora_enabled(config):
+    raise ValueError(f"config.train.trainable={parts.mode!r} with config.lora.enabled: LoRA "
+                     "already trains only its adapters and heads; keep trainable='all'")
   mesh = make_mesh(config.mesh, devices)
   rules = get_rules(config.mesh.rules)
-  base_spec = spec or build_model_spec(config.model, stage.model_kind)
-  trained = make_lora_spec(base_spec, config.lora) if lora_enabled(config) else base_spec
+  if lora_enabled(config):
+    trained = make_lora_spec(base_spec, config.lora)
+  else:
+    trained = base_spec if parts is None else PartialSpec.wrap(base_spec, parts)
+  if parts is not None:
+    logging.info("config.train.trainable=%s: %d params train, %d are frozen", parts.mode,
+                 *parts.count(base_spec.shapes))
   optimizer, schedule = make_optimizer(
-      config.optimizer, config.train.steps if total_updates is None else total_updates)
+      config.optimizer, config.train.steps if total_updates is None else total_updates, parts)
   abstract_state = abstract_train_state(trained, optimizer, mesh, rules)
   return RunSetup(config=config, mesh=mesh, rules=rules, stage=stage, base_spec=base_spec,
                   spec=trained, optimizer=optimizer, schedule=schedule,

@@ -11,6 +11,11 @@ table) a loss that drifts to NaN. Every problem is one line naming the key, all 
 
 Stage configs differ (RL configs have `rl` and `eval`, supervised ones use the `data` batch),
 so only keys the config has are checked.
+
+The attention kernel is checked against the platform of the devices the run sees and the
+stage's model (a decoder's causal layers, an encoder's bidirectional ones): a forced kernel
+that cannot serve them (models/attention_kernels.py `kernel_problems`) is a problem here
+rather than an error when the first step is traced.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import math
 import jax
 import ml_collections
 
+from models.attention_kernels import kernel_problems
 from parallel.mesh import mesh_shape
 from parallel.rules import MESH_AXES, RULE_PRESETS
+from training.registry import STAGES
 
 
 
@@ -77,8 +84,17 @@ def _devices() -> tuple[int, int]:
   return len(devices), 1 + max(getattr(d, "slice_index", 0) or 0 for d in devices)
 
 
+def attention_problems(config: ml_collections.ConfigDict, platform: str) -> list[str]:
+  """config.model.attention against `platform` and the stage's model kind (module doc)."""
+  if "model" not in config or "objective" not in config:
+    return []
+  stage = STAGES.get(config.objective.get("name"))
+  causal = stage is None or "encoder" not in stage.model_kind
+  return kernel_problems(config.model, causal=causal, platform=platform)
+
+
 def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None,
-                    num_slices: int = 1) -> list[str]:
+                    num_slices: int = 1, platform: str | None = None) -> list[str]:
   """Every unworkable value of `config`, one line each naming its key (empty: none found).
 
   Args:
@@ -86,8 +102,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     device_count: devices the mesh is built on; None counts `jax.devices()` (and their
       slices), so a multi-host job must start jax.distributed first.
     num_slices: slices of `device_count` (with an explicit `device_count`).
+    platform: the devices' platform ('cpu', 'gpu', 'tpu'); None: `jax.default_backend()`.
   """
-  problems: list[str] = []
+  problems: list[str] = attention_problems(config, platform or jax.default_backend())
   rl = "rl" in config
   _at_least(config, "train.steps", 1, problems)
   _at_least(config, "train.log_every", 1, problems)

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import ml_collections
 
 Path = tuple[str, ...]
+# Our model kinds with the encoder's body (models/build.py): the MLM encoder and its classifier.
+ENCODER_KINDS = ("encoder", "encoder_classifier")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,9 @@ class Family:
   kind: str = "decoder"                       # our model kind of the family's LM class
   # Older spellings of a tensor name in the files -> the table's name (applied on import).
   canonical: Callable[[str], str] = lambda name: name
+  # Leading scopes of the task heads, which sit outside `prefix` (BertForMaskedLM's `cls.`):
+  # a checkpoint without any tensor of a head (a base model) gets that head fresh or tied.
+  heads: tuple[str, ...] = ("lm_head.", "score.")
 
 
 def _lin(hf, ours, n_in=1):
@@ -333,16 +338,18 @@ def _bert_canonical(name: str) -> str:
 
 
 FAMILIES: dict[str, Family] = {
+    # prefix: base-model checkpoints (LlamaModel, Qwen2Model, ...) name tensors without it.
     "llama": Family("llama", "LlamaForCausalLM", _llama_read, _llama_write("llama"),
-                    _llama_maps, _llama_ignored),
+                    _llama_maps, _llama_ignored, prefix="model."),
     "mistral": Family("mistral", "MistralForCausalLM", _llama_read, _llama_write("mistral"),
-                      _llama_maps, _llama_ignored),
+                      _llama_maps, _llama_ignored, prefix="model."),
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", _llama_read, _llama_write("qwen2"),
-                    _llama_maps, _llama_ignored),
+                    _llama_maps, _llama_ignored, prefix="model."),
     "gpt2": Family("gpt2", "GPT2LMHeadModel", _gpt2_read, _gpt2_write, _gpt2_maps,
                    _gpt2_ignored, prefix="transformer."),
     "bert": Family("bert", "BertForMaskedLM", _bert_read, _bert_write, _bert_maps,
-                   _bert_ignored, kind="encoder", canonical=_bert_canonical),
+                   _bert_ignored, prefix="bert.", kind="encoder", canonical=_bert_canonical,
+                   heads=("cls.", "classifier.")),
 }
 
 def family_for_hf(hf_config: dict[str, Any]) -> Family:
@@ -356,7 +363,7 @@ def family_for_hf(hf_config: dict[str, Any]) -> Family:
 def infer_family(cfg: ml_collections.ConfigDict, kind: str = "decoder") -> Family:
   """The HF family that represents `config.model` of our model `kind` (Mistral only when asked
   for by name; every encoder is a BERT)."""
-  if kind == "encoder":
+  if kind in ENCODER_KINDS:
     return FAMILIES["bert"]
   if cfg.position == "learned":
     return FAMILIES["gpt2"]

@@ -2,7 +2,9 @@
 
 Block params sit under `params["blocks"]["layers"]`: stacked along a leading layer axis when
 `config.model.scan_layers`, else as per-layer dicts keyed 0..n-1. `block_leaf` hides the
-difference; `to_ours` / `to_hf` apply a `TensorMap`'s layout kind to numpy arrays.
+difference; `to_ours` / `to_hf` apply a `TensorMap`'s layout kind to numpy arrays. Kind
+`experts` (models/convert/families_moe.py): one nn.Linear weight `[out, in]` per expert <->
+ours `[experts, in, out]`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def _matrix(w: np.ndarray, n_in: int) -> np.ndarray:
 
 def to_ours(m: TensorMap, hf: list[np.ndarray], shapes: list[tuple[int, ...]]) -> list:
   """HF arrays of `m` -> our arrays of the given (per-layer) shapes."""
+  if m.kind == "experts":
+    return [np.stack([x.T for x in hf]).reshape(shapes[0])]
   (x,) = hf
   if m.kind == "linear":
     return [x.T.reshape(shapes[0])]
@@ -64,6 +68,8 @@ def to_ours(m: TensorMap, hf: list[np.ndarray], shapes: list[tuple[int, ...]]) -
 
 def to_hf(m: TensorMap, ours: list[np.ndarray]) -> list[np.ndarray]:
   """Our (per-layer) arrays of `m` -> its HF arrays."""
+  if m.kind == "experts":
+    return [w.T for w in ours[0]]
   if m.kind == "linear":
     return [_matrix(ours[0], m.n_in).T]
   if m.kind == "conv1d":

@@ -16,6 +16,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from models.convert.errors import ConversionError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -27,14 +29,17 @@ class HFReader(contextlib.AbstractContextManager):
     self.directory = directory
     index_path = os.path.join(directory, INDEX_FILE)
     if os.path.exists(index_path):
-      with open(index_path, encoding="utf-8") as f:
-        self._file_of = dict(json.load(f)["weight_map"])
+      try:
+        with open(index_path, encoding="utf-8") as f:
+          self._file_of = dict(json.load(f)["weight_map"])
+      except (ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"{index_path}: not a safetensors index ({e})") from None
     elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
-      with safe_open(os.path.join(directory, SINGLE_FILE), framework="numpy") as f:
+      with self._open(SINGLE_FILE) as f:
         self._file_of = {name: SINGLE_FILE for name in f.keys()}
     else:
-      raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE} "
-                              "(only safetensors checkpoints are read)")
+      raise ConversionError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE} "
+                            "(only safetensors checkpoints are read)")
     self._handles: dict[str, object] = {}
 
   def keys(self) -> list[str]:
@@ -43,17 +48,38 @@ class HFReader(contextlib.AbstractContextManager):
   def __contains__(self, name: str) -> bool:
     return name in self._file_of
 
+  def _open(self, file_name: str):
+    path = os.path.join(self.directory, file_name)
+    try:
+      return safe_open(path, framework="numpy")
+    except Exception as e:  # SafetensorError, OSError: a missing, truncated or foreign file.
+      raise ConversionError(f"{path}: cannot read safetensors ({e})") from None
+
   def _handle(self, file_name: str):
     if file_name not in self._handles:
-      self._handles[file_name] = safe_open(os.path.join(self.directory, file_name),
-                                           framework="numpy").__enter__()
+      self._handles[file_name] = self._open(file_name).__enter__()
     return self._handles[file_name]
+
+  def file_of(self, name: str) -> str:
+    """Path of the file holding tensor `name` (the folder when no file lists it)."""
+    file_name = self._file_of.get(name)
+    return os.path.join(self.directory, file_name) if file_name else self.directory
+
+  def info(self, name: str) -> tuple[tuple[int, ...], str]:
+    """(shape, safetensors dtype name such as "BF16") of tensor `name`, from the file's
+    header: nothing is read."""
+    view = self._handle(self._file_of[name]).get_slice(name)
+    return tuple(view.get_shape()), view.get_dtype()
 
   def get(self, name: str) -> np.ndarray:
     """The tensor `name` as a numpy array (bfloat16 comes back as `ml_dtypes.bfloat16`)."""
     if name not in self._file_of:
       raise KeyError(f"tensor {name!r} is not in the checkpoint at {self.directory}")
-    return self._handle(self._file_of[name]).get_tensor(name)
+    handle = self._handle(self._file_of[name])
+    try:
+      return handle.get_tensor(name)
+    except Exception as e:  # a truncated file, or an index naming a tensor its shard lacks
+      raise ConversionError(f"{self.file_of(name)}: cannot read tensor {name} ({e})") from None
 
   def close(self) -> None:
     for handle in self._handles.values():

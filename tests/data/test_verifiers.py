@@ -73,7 +73,7 @@ def test_a_checker_plugs_in_by_module_and_function_name():
 
 @pytest.mark.parametrize("name, message", [
     ("fuzzy", "config.data.answer_checker: unknown answer checker 'fuzzy'; choose one of "
-              "['exact', 'tiny_world'] or give your own as 'package.module:function'"),
+              "['exact', 'math', 'tiny_world'] or give your own as 'package.module:function'"),
     ("tests.data.test_verifiers:", "unknown answer checker"),
     ("no_such_package.checks:check",
      "config.data.answer_checker: cannot import module 'no_such_package.checks' of answer "

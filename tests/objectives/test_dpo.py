@@ -41,6 +41,11 @@ def _expected(loss_type, hp, i):
     return max(0.0, 1 - b * _h(i))
   if loss_type == "ipo":
     return (_h(i) - 1 / (2 * b)) ** 2
+  if loss_type == "ipo_mean":
+    # The log-ratio of each answer averaged over its tokens, in float64.
+    h_mean = ((float(CHOSEN[i]) - float(REF_CHOSEN[i])) / float(CHOSEN_TOKENS[i])
+              - (float(REJECTED[i]) - float(REF_REJECTED[i])) / float(REJECTED_TOKENS[i]))
+    return (h_mean - 1 / (2 * b)) ** 2
   if loss_type == "robust":
     return ((1 - eps) * -_log_sigmoid(b * _h(i)) - eps * -_log_sigmoid(-b * _h(i))) / (1 - 2 * eps)
   a_w = float(CHOSEN[i]) / float(CHOSEN_TOKENS[i])
@@ -97,6 +102,28 @@ def test_policy_equal_to_reference(loss_type):
   assert float(got["rewards/margins"]) == 0.0
   assert float(got["rewards/chosen"]) == 0.0 == float(got["rewards/rejected"])
   assert float(got["rewards/accuracies"]) == 0.5  # all ties
+
+
+def test_ipo_mean_is_ipo_on_per_token_log_ratios():
+  # Pair 0: chosen log-ratio 0.5 over 2 tokens, rejected -1.0 over 5: h_mean = 0.25 + 0.2.
+  per_pair, metrics = dpo.dpo_loss(LOGPS, MASK, loss_type="ipo_mean", hyper=Hyper(beta=0.1))
+  assert float(per_pair[0]) == pytest.approx((0.45 - 5.0) ** 2, rel=1e-6)
+  # Rewards are beta times the per-token log-ratio.
+  np.testing.assert_allclose(finalize_metrics(metrics)["rewards/chosen"],
+                             np.mean(0.1 * (CHOSEN - REF_CHOSEN) / CHOSEN_TOKENS), rtol=1e-6)
+  # One-token answers: the summed form; twice the tokens at the same per-token log-ratios:
+  # the same loss (the summed form's margin doubles).
+  ones = LOGPS._replace(chosen_tokens=np.ones(3, np.float32),
+                        rejected_tokens=np.ones(3, np.float32))
+  np.testing.assert_allclose(dpo.dpo_loss(ones, MASK, loss_type="ipo_mean")[0],
+                             dpo.dpo_loss(ones, MASK, loss_type="ipo")[0], rtol=1e-6)
+  double = PairLogps(*(2 * np.asarray(x) for x in LOGPS))
+  np.testing.assert_allclose(dpo.dpo_loss(double, MASK, loss_type="ipo_mean")[0],
+                             dpo.dpo_loss(LOGPS, MASK, loss_type="ipo_mean")[0], rtol=1e-6)
+  assert not np.allclose(dpo.dpo_loss(double, MASK, loss_type="ipo")[0],
+                         dpo.dpo_loss(LOGPS, MASK, loss_type="ipo")[0])
+  with pytest.raises(ValueError, match="completion lengths"):
+    dpo.dpo_loss(LOGPS._replace(chosen_tokens=None), MASK, loss_type="ipo_mean")
 
 
 def test_special_cases_reduce_to_plain_dpo():

@@ -1,4 +1,5 @@
-"""scripts/benchmark.py: the `clm` and `generate` workloads on tiny models, the command line.
+"""scripts/benchmark.py: the `clm`, `generate` and `dpo` workloads on tiny models, the command
+line.
 
 `ppo` is tested in tests/training/test_rl.py (test_benchmark_ppo_splits_an_iteration).
 """
@@ -16,6 +17,7 @@ from absl import flags
 from configs.pretrain import get_config
 from models.flops import matmul_params
 from scripts import benchmark
+from scripts.benchmarks.dpo import benchmark_dpo, dpo_config, format_dpo, random_pair_batch
 from scripts.benchmarks.generation import benchmark_generate, format_generate, generation_flops
 
 TINY = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
@@ -78,6 +80,33 @@ def test_generation_flops_sum_every_token():
   assert generation_flops(cfg, batch, prompt_len, new_tokens) == batch * (prefill + decode)
 
 
+def test_pair_batch_is_chosen_then_rejected_with_one_prompt():
+  """The DPO stage's packed layout (data/preferences.py): prompt 3 + reply 5 tokens per side,
+  7 positions each (next-token layout), then padding to 16."""
+  batch = random_pair_batch(np.random.default_rng(0), 2, 3, 5, 64, 16)
+  np.testing.assert_array_equal(batch["segment_ids"][0], [1] * 7 + [2] * 7 + [0] * 2)
+  np.testing.assert_array_equal(batch["sides"], batch["segment_ids"])
+  np.testing.assert_array_equal(batch["positions"][1], list(range(7)) * 2 + [0, 0])
+  # Targets from the first reply token: positions 2..6 of each side.
+  np.testing.assert_array_equal(batch["loss_mask"][0], ([0, 0] + [1] * 5) * 2 + [0, 0])
+  np.testing.assert_array_equal(batch["inputs"][:, :3], batch["inputs"][:, 7:10])  # one prompt
+  np.testing.assert_array_equal(batch["inputs"][:, 1:7], batch["targets"][:, :6])
+  assert batch["inputs"][:, :14].min() >= 4 and (batch["example_ids"][1, :14] == 1).all()
+
+
+def test_dpo_on_a_tiny_model():
+  config = dpo_config("tiny", pairs=8, prompt_len=4, reply_len=12)
+  config.model.update(TINY)
+  result = benchmark_dpo(config, prompt_len=4, reply_len=12, steps=1, warmup=1)
+  assert result["seq_len"] == 32 and result["tokens"] == 2 * 8 * 15
+  np.testing.assert_allclose(result["tokens_per_sec"], 2 * 8 * 15 / result["step_s_median"])
+  # Policy forward + backward and reference forward: 4 / 3 of a train step per real token.
+  per_token = 6 * matmul_params(config.model) + 6 * 2 * 4 * 8 * 15
+  assert result["flops_per_step"] == 2 * 8 * 15 * (per_token + per_token // 3)
+  assert math.isfinite(result["final_loss"]) and result["devices"] == 8
+  assert "8 pairs of 4 + 12 tokens" in format_dpo(result)
+
+
 def run_script(*args):
   return subprocess.run([sys.executable, "-m", "scripts.benchmark", *args],
                         capture_output=True, text=True, timeout=120)
@@ -97,7 +126,8 @@ def test_help_lists_every_subcommands_flags():
 @pytest.mark.parametrize("args, message", [
     (("generate", "--steps=3"), "generate does not read --steps"),
     (("clm", "--prompts=4", "--new_tokens=8"), "clm does not read --new_tokens, --prompts"),
-    (("decode",), "expected one subcommand (clm | generate | ppo), got decode"),
+    (("decode",), f"expected one subcommand ({' | '.join(benchmark.SUBCOMMANDS)}), got decode"),
+    (("dpo", "--batch=4"), "dpo does not read --batch"),
 ])
 def test_usage_errors(args, message):
   result = run_script(*args)

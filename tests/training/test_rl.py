@@ -18,6 +18,8 @@ from data.pipeline import resolve_tokenizer
 from data.prompts import fit_prompt, load_prompts
 from data.tokenizer import train_sentencepiece
 from models.build import build_model_spec
+from scripts.benchmarks.grpo import format_grpo, grpo_flops
+from scripts.benchmarks.ppo import ppo_flops
 from scripts.evaluate import evaluate_run
 from training import outer_loop
 from training.checkpoint import Checkpointer
@@ -233,6 +235,47 @@ def test_grpo_with_a_reward_model(runs, tmp_path):
   assert "train/ref_kl" in record and "train/clip_fraction" in record
 
 
+def test_grpo_on_policy_update_skips_the_old_forward_exactly(runs, tmp_path, monkeypatch):
+  """One epoch of one minibatch: the rollout runs no policy pass and the loss reads its own
+  log-probs as pi_old; the iteration equals the one with the pass. Then dynamic sampling with
+  every score equal: the cap's extra round is drawn and the masked batch moves nothing."""
+  config = shrink(grpo_config.get_config("tiny"), runs[0], runs[1], 1)
+  config.reward.function = ""  # reward-model scores: every group has a signal
+  config.train.eval_every = 0
+  config.rl.update(dict(prompts_per_iteration=2, samples_per_prompt=4, epochs=1, minibatches=1,
+                        dynamic_sampling_max_rounds=1))
+  tokenizer = resolve_tokenizer(config.data, str(tmp_path))
+  trainer = RLTrainer(config, tokenizer=tokenizer,
+                      train_items=load_prompts(config, tokenizer, "train", str(tmp_path)))
+  assert not trainer.old_log_probs_forward
+  leaves = lambda state: [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+  skipped_state, skipped, _ = trainer.iteration(trainer.fresh_state(), 0, 0.04)
+  trainer.old_log_probs_forward = True
+  full_state, full, _ = trainer.iteration(trainer.fresh_state(), 0, 0.04)
+  assert skipped["train/ratio_first_minibatch"] == full["train/ratio_first_minibatch"] == 1.0
+  for key in ("train/loss", "train/kl", "train/grad_norm", "train/ref_kl", "train/score"):
+    assert skipped[key] == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
+  assert full["train/kl"] == pytest.approx(full["train/reply_kl"], rel=1e-5, abs=1e-7)
+  for a, b in zip(leaves(skipped_state), leaves(full_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  two_updates = config.copy_and_resolve_references()
+  two_updates.rl.minibatches = 2
+  with pytest.raises(ValueError, match="needs pi_old's forward pass"):
+    RLTrainer(two_updates, tokenizer=tokenizer, train_items=trainer.train_items,
+              old_log_probs_forward=False)
+
+  monkeypatch.setattr(config.rl, "dynamic_sampling", True)
+  monkeypatch.setattr(trainer.engine, "score",
+                      lambda rows, replies, stopped, prompts: np.zeros(len(stopped), np.float32))
+  state = trainer.fresh_state()
+  before = leaves(state)
+  state, record, _ = trainer.iteration(state, 0, 0.04)
+  assert record["train/extra_rounds"] == 1.0 and record["train/filled_groups"] == 2.0
+  assert record["train/zero_advantage_groups"] == 1.0 and record["train/loss"] == 0.0
+  for a, b in zip(before, leaves(state)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_online_dpo_pairs_best_and_worst(runs, tmp_path):
   config = shrink(online_dpo_config.get_config("tiny"), runs[0], runs[1], 1)
   config.train.eval_every = 0
@@ -265,7 +308,7 @@ def test_rows_layout_prompt_batches_and_minibatch_plan():
 
 def test_benchmark_ppo_splits_an_iteration():
   # No run directory: random prompts, no tokenizer.
-  from scripts.benchmarks.ppo import benchmark_ppo, format_ppo, ppo_flops
+  from scripts.benchmarks.ppo import benchmark_ppo, format_ppo
   config = ppo_config.get_config("bench")
   config.model.update(SMALL)
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))
@@ -286,3 +329,24 @@ def test_benchmark_ppo_splits_an_iteration():
   assert result["model_flops_per_sec"] == pytest.approx(
       sum(flops.values()) / result["iteration_s"])
   assert "update" in format_ppo(result)
+
+
+def test_benchmark_grpo_flops_and_report():
+  """Without the pi_old pass, scoring is one policy forward cheaper (its FLOPs are one third
+  of an update's); the figures' report names which path ran."""
+  config = grpo_config.get_config("bench")
+  assert (config.rl.prompts_per_iteration, config.rl.samples_per_prompt, config.rl.epochs,
+          config.rl.minibatches, config.value.source) == (4, 4, 1, 1, "none")
+  full, skipped = grpo_flops(config, True), grpo_flops(config, False)
+  assert full == ppo_flops(config)
+  assert full["score"] - skipped["score"] == full["update"] // 3 > 0
+  assert skipped["generate"] == full["generate"] and skipped["update"] == full["update"]
+  result = dict(params=1e6, prompts=4, samples=4, new_tokens_per_reply=64, prompt_len=64,
+                loss_type="grpo", kl_coef=0.04, updates=1, dtype="float32", devices=1,
+                platform="cpu", iteration_s=3.0, repeats=3, first_iteration_s=9.0,
+                generate_s=1.0, score_s=1.0, update_s=1.0, new_tokens_per_sec=1024.0,
+                model_flops_per_sec=1e9, old_log_probs_forward=False,
+                **{f"{k}_flops": v for k, v in skipped.items()})
+  assert "no pi_old pass: on-policy, skipped" in format_grpo(result)
+  assert "policy's pi_old pass" in format_grpo(dict(result, old_log_probs_forward=True))
+

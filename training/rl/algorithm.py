@@ -13,6 +13,10 @@
                  (PPO's adaptive controller); None keeps it fixed
   units          'rows' (minibatches of reply rows: the first minibatch's log-probs were
                  computed in the same chunks, so its ratio is exactly 1) or 'pairs'
+  reuses_log_probs
+                 the loss takes its own log-probs under stop_gradient as log pi_old when the
+                 batch has no `old_log_probs`, so an on-policy single update (one epoch, one
+                 minibatch) needs no policy pass in the rollout (training/rl/loop.py)
 """
 
 from __future__ import annotations
@@ -36,3 +40,4 @@ class Algorithm:
   value_source: Callable[[ml_collections.ConfigDict], str] = lambda config: "none"
   next_kl_coef: Callable[..., float] | None = None
   units: str = "rows"
+  reuses_log_probs: bool = False

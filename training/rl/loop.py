@@ -6,18 +6,27 @@ An RL run counts *iterations*: `config.train.steps`, `eval_every`, `log_every` a
 `optimizer.warmup_steps` count updates). One iteration:
 
     prompts (`rl.prompts_per_iteration`, each `rl.samples_per_prompt` times)
-      -> rollout (training/rl/rollout.py): sample, score, log-probs, values    [generate, score]
+      -> rollout (training/rl/rollout.py): sample, score (with `rl.dynamic_sampling`, more
+         rounds until the groups carry a signal), log-probs, values       [generate, score]
       -> the algorithm's arrays (training/rl/ppo.py, grpo.py, online_dpo.py)
       -> `rl.epochs` passes over them in `rl.minibatches` shuffled minibatches, each one step
          of training/step.py's jitted, sharded, donated train step                  [update]
       -> the next KL coefficient (PPO's adaptive controller)
 
+pi_old's forward pass: the rollout's policy log-probs are the ratios' denominators of every
+update after the first. When there is no such update (`rl.epochs` = `rl.minibatches` = 1: the
+one update is on-policy) and the algorithm's loss can read its own log-probs under
+stop_gradient as log pi_old (GRPO, RLOO: `Algorithm.reuses_log_probs`), the rollout skips the
+policy's pass: the loss and gradient are exactly those with it (ratio 1, gradient
+grad rho = grad log pi), and `train/kl` comes from the loss's `reply_kl`.
+
 Sections below: start-up; prompts; models (`RLTrainer`: the trained ActorCritic built by
 training/setup.py, the frozen reference and reward model loaded by training/runs.py) and state
 (fresh from `config.init_from`, or resumed); the loop: training/outer_loop.py's, shared with
-the supervised loop (logging windows, evaluation, checkpoints), one step per iteration. The checkpoint holds the train state plus `rl`:
-the iteration counter and the KL coefficient; the prompts, sampling seeds and minibatch
-order are pure functions of (seed, iteration), so rerunning the command resumes exactly.
+the supervised loop (logging windows, evaluation, checkpoints), one step per iteration. The
+checkpoint holds the train state plus `rl`: the iteration counter and the KL coefficient; the
+prompts (every sampling round's), sampling seeds and minibatch order are pure functions of
+(seed, iteration), so rerunning the command resumes exactly.
 """
 
 from __future__ import annotations
@@ -46,8 +55,8 @@ from training.rl import rewards
 from training.rl.algorithms import get_algorithm
 from training.rl.evaluation import Evaluator
 from training.rl.policy import InitSources, build_actor_critic_spec, restore_initial_params
-from training.rl.rollout import (RolloutEngine, chunk_indices, prompt_batch, repeat_items,
-                                 rollout_metrics)
+from training.rl.rollout import (RolloutEngine, chunk_indices, draw_groups, prompt_batch,
+                                 repeat_items, rollout_metrics)
 from training.runs import init_params, load_params
 from training.setup import build_setup
 from training.stage import Stage
@@ -87,6 +96,9 @@ def _check_batch_sizes(config: ml_collections.ConfigDict, units: str, shards: in
   if config.train.eval_every and config.eval.batch_size % shards:
     raise ValueError(f"config.eval.batch_size {config.eval.batch_size} is not a multiple of "
                      f"the {shards} ways the batch splits over the mesh")
+  if rl.dynamic_sampling and rl.samples_per_prompt < 2:
+    raise ValueError("config.rl.dynamic_sampling drops groups of equal scores: it needs "
+                     f"config.rl.samples_per_prompt >= 2, got {rl.samples_per_prompt}")
 
 
 class RLTrainer:
@@ -94,8 +106,11 @@ class RLTrainer:
   benchmark, which builds one on random params)."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, tokenizer, train_items,
-               eval_items=None, reward_model=None):
-    """`reward_model` (a rewards.RewardModelScorer) overrides `config.reward.model`."""
+               eval_items=None, reward_model=None, old_log_probs_forward: bool | None = None):
+    """`reward_model` (a rewards.RewardModelScorer) overrides `config.reward.model`.
+    `old_log_probs_forward`: run the policy's forward pass for log pi_old even where the
+    update is on-policy and the loss could skip it (True; tests and the benchmark compare
+    the two) or not (False: an error where it is needed); None decides (module docstring)."""
     if lora_enabled(config):
       raise ValueError("config.lora.enabled: the RL stages train full policies (LoRA "
                        "adapters are not wired into the rollout's sampler)")
@@ -103,6 +118,12 @@ class RLTrainer:
     self.algorithm = get_algorithm(config.objective.name)
     self.train_items = train_items
     rl = config.rl
+    skippable = self.algorithm.reuses_log_probs and rl.epochs * rl.minibatches == 1
+    if old_log_probs_forward is False and not skippable:
+      raise ValueError(f"{self.algorithm.name} with {rl.epochs} epoch(s) x {rl.minibatches} "
+                       "minibatch(es) needs pi_old's forward pass")
+    self.old_log_probs_forward = (not skippable if old_log_probs_forward is None
+                                  else old_log_probs_forward)
     spec = build_actor_critic_spec(config.model, self.algorithm.value_source(config))
     stage = Stage(name=self.algorithm.name, loss_fn=self.algorithm.loss_fn, make_dataset=None)
     # The schedule counts optimizer updates: rl.epochs x rl.minibatches per iteration.
@@ -159,18 +180,28 @@ class RLTrainer:
   def iteration(self, state, iteration: int, kl_coef: float):
     """One sample -> score -> update iteration; returns (state, figures, next kl_coef)."""
     config, rl = self.config, self.config.rl
-    g = rl.samples_per_prompt
-    items = repeat_items(prompt_batch(self.train_items, iteration, rl.prompts_per_iteration,
-                                      config.seed), g)
-    units = len(items) if self.algorithm.units == "rows" else rl.prompts_per_iteration
+    g, prompts = rl.samples_per_prompt, rl.prompts_per_iteration
+    rows = prompts * g
+    units = rows if self.algorithm.units == "rows" else prompts
     plan = minibatch_plan(units, rl.epochs, rl.minibatches, config.seed, iteration)
     # Rows are scored in the first epoch's minibatches, so its first update recomputes the
     # very same log-probs (ratio 1); pairs need no such care.
-    chunks = plan[0] if self.algorithm.units == "rows" else chunk_indices(len(items),
-                                                                          rl.minibatches)
+    chunks = plan[0] if self.algorithm.units == "rows" else chunk_indices(rows, rl.minibatches)
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
-    rollout, times = self.engine.collect(state["params"], items, rng, chunks)
-    arrays, figures = self.algorithm.make_batch(rollout, config, kl_coef)
+    round_items = lambda r: repeat_items(prompt_batch(self.train_items, iteration, prompts,
+                                                      config.seed, stream=r), g)
+    params = state["params"]
+    if rl.dynamic_sampling:
+      rollout, times, figures = draw_groups(self.engine, params, round_items, rng,
+                                            groups=prompts, g=g,
+                                            max_extra_rounds=rl.dynamic_sampling_max_rounds)
+    else:
+      (rollout, times), figures = self.engine.draw(params, round_items(0), rng), {}
+    start = time.perf_counter()
+    rollout = self.engine.complete(params, rollout, chunks, policy=self.old_log_probs_forward)
+    times["score_s"] += time.perf_counter() - start
+    arrays, batch_figures = self.algorithm.make_batch(rollout, config, kl_coef)
+    figures.update(batch_figures)
     figures.update(rollout_metrics(rollout))
 
     start = time.perf_counter()
@@ -184,11 +215,14 @@ class RLTrainer:
     jax.block_until_ready(state["params"])
     times["update_s"] = time.perf_counter() - start
     figures.update({k: float(v) for k, v in finalize_metrics(total).items()})
+    if rollout.log_probs is None:
+      # No policy pass in the rollout: the one (on-policy) update's loss measured the KL.
+      figures["kl"] = figures["reply_kl"]
     first = {k: float(v) for k, v in finalize_metrics(first).items()}
     if "ratio" in first:  # 1 exactly: the rollout's log-probs are the policy's own
       figures["ratio_first_minibatch"] = first["ratio"]
     if self.algorithm.next_kl_coef is not None:
-      kl_coef = self.algorithm.next_kl_coef(config, kl_coef, figures, len(items))
+      kl_coef = self.algorithm.next_kl_coef(config, kl_coef, figures, rows)
     record = {f"train/{k}": v for k, v in figures.items()}
     record.update({f"perf/{k}": v for k, v in times.items()})
     record["perf/iteration_s"] = sum(times.values())

@@ -12,10 +12,28 @@ model, minus a penalty for replies that never stopped.
                            subtracted from the score of a reply that ran out of tokens
                            before its stop token (EOS or the template's end of turn)
 
-With both a function and a model the score is their sum. The text functions and their lookup
-(`get_reward_function`) live with the answer checkers in data/verifiers.py; this module combines
-the scores (`function_scores`, `stop_penalties`) and runs the reward model
-(`RewardModelScorer`).
+  config.reward.overlong_buffer
+                           DAPO's overlong reward shaping of the training rollouts (0 = off):
+                           with L_max = config.rl.max_new_tokens, the budget, and buffer
+                           L_c, a reply of |y| tokens (its stop token included) adds
+
+                             0                           |y| <= L_max - L_c
+                             ((L_max - L_c) - |y|) / L_c  L_max - L_c < |y| <= L_max
+                             -1                          L_max < |y|
+
+                           a penalty growing linearly over the last L_c tokens before the
+                           budget, so a long reply is told it is too long before it is cut
+                           (Yu et al., 2025, "DAPO: An Open-Source LLM Reinforcement Learning
+                           System at Scale", sec. 3.4; there L_max 20480, L_c 4096). Replies
+                           are never longer than the budget here, so the last case is for
+                           completeness. Held-out evaluation scores without it, so its
+                           figures compare across runs.
+
+With both a function and a model the score is their sum; a reply cut at the budget without a
+stop loses both the missing-stop penalty and, with shaping on, 1 more. The text functions and
+their lookup (`get_reward_function`) live with the answer checkers in data/verifiers.py; this
+module combines the scores (`function_scores`, `stop_penalties`, `overlong_penalties`) and runs
+the reward model (`RewardModelScorer`).
 """
 
 from __future__ import annotations
@@ -43,6 +61,24 @@ def function_scores(fn: RewardFn, replies: Sequence[str], prompts: Sequence[Prom
 def stop_penalties(stopped: np.ndarray, penalty: float) -> np.ndarray:
   """`[n]` float32: -penalty where a reply did not stop, else 0."""
   return np.where(np.asarray(stopped, bool), 0.0, -float(penalty)).astype(np.float32)
+
+
+def overlong_penalties(lengths: np.ndarray, max_length: int, buffer: int) -> np.ndarray:
+  """`[n]` float32 overlong shaping of replies of `lengths` tokens (module docstring).
+
+  Args:
+    lengths: `[n]` reply lengths in tokens.
+    max_length: L_max, the generation budget.
+    buffer: L_c, the tokens before L_max over which the penalty grows from 0 to -1; 0: off.
+  """
+  lengths = np.asarray(lengths, np.float64)
+  if buffer <= 0:
+    return np.zeros(lengths.shape, np.float32)
+  if buffer > max_length:
+    raise ValueError(f"config.reward.overlong_buffer {buffer} exceeds the budget "
+                     f"config.rl.max_new_tokens {max_length}")
+  start = max_length - buffer
+  return np.clip((start - lengths) / buffer, -1.0, 0.0).astype(np.float32)
 
 
 class RewardModelScorer:

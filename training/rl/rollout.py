@@ -7,12 +7,29 @@
                segment 1 on real tokens, 0 on padding; positions count from the first real
                token (so a row computes what it would alone)
       -> scores: reward function on the decoded reply and/or reward model at the last token,
-               minus the missing-stop penalty (training/rl/rewards.py)
+               minus the missing-stop penalty, plus overlong shaping (training/rl/rewards.py)
+      -> (dynamic sampling: more rounds of prompts until enough groups carry a signal)
       -> one jitted forward pass per chunk of rows: log pi, log pi_ref of every reply token
                and the values V_t (PPO), all `[B, T]`
 
 Log-probs are recomputed by the training forward pass (not taken from the sampler), in the
-chunks the first epoch's minibatches use, so the first update sees a ratio of exactly 1.
+chunks the first epoch's minibatches use, so the first update sees a ratio of exactly 1. When
+the update is that first minibatch alone (one epoch, one minibatch) pi_old *is* the policy
+being updated, and algorithms whose loss can take its own log-probs under stop_gradient as
+log pi_old (GRPO, RLOO) skip the policy's pass here: only the reference's runs
+(`RolloutEngine.complete(policy=False)`; training/rl/loop.py decides).
+
+Dynamic sampling (`draw_groups`; DAPO, Yu et al., 2025, sec. 3.2): a group of G replies whose
+scores are all equal has advantage 0 on every reply, so it adds nothing to the policy gradient
+and only shrinks the batch's effective size. With `config.rl.dynamic_sampling` such groups
+are dropped and further rounds of `rl.prompts_per_iteration` prompts are sampled until the
+batch holds that many groups with a signal, or `rl.dynamic_sampling_max_rounds` extra rounds
+are spent; then the remaining slots take dropped groups (the batch keeps its shape; GRPO
+masks them out of its loss, online DPO gets no pair from them). Groups are judged on the
+scores the advantages come from (penalties and overlong shaping included), so a group is
+dropped exactly when all its advantages are 0; the paper states its filter on accuracy, which
+is the same with a 0 / 1 answer reward and no shaping. Round r's prompts and sampling key are
+pure functions of (seed, iteration, r), so a resumed run draws the same.
 
 Every host holds the whole rollout: host arrays go to the devices as global arrays of which
 each process feeds its own rows, and device results come back replicated
@@ -22,8 +39,9 @@ each process feeds its own rows, and device results come back replicated
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import ml_collections
@@ -42,14 +60,16 @@ from training.rl.policy import policy_outputs, response_log_probs
 
 # --- Prompts --------------------------------------------------------------------------------------
 
-def prompt_batch(items: Sequence[PromptItem], iteration: int, size: int, seed: int
-                 ) -> list[PromptItem]:
+def prompt_batch(items: Sequence[PromptItem], iteration: int, size: int, seed: int,
+                 stream: int = 0) -> list[PromptItem]:
   """The `size` prompts of `iteration`: consecutive slices of a stream of per-epoch
-  permutations, a pure function of the iteration (so a resumed run sees the same ones)."""
+  permutations, a pure function of the iteration (so a resumed run sees the same ones).
+  `stream` r > 0: another such stream, the prompts of dynamic sampling's extra round r."""
   out, start = [], iteration * size
   for position in range(start, start + size):
     epoch, index = divmod(position, len(items))
-    order = np.random.default_rng([seed, epoch]).permutation(len(items))
+    key = [seed, epoch] if stream == 0 else [seed, epoch, stream]
+    order = np.random.default_rng(key).permutation(len(items))
     out.append(items[order[index]])
   return out
 
@@ -78,30 +98,59 @@ def build_rows(prompt_tokens: np.ndarray, prompt_lengths: np.ndarray, response: 
 
 @dataclasses.dataclass
 class Rollout:
-  """B sampled episodes, rows grouped by prompt (its G samples consecutive); numpy arrays."""
+  """B sampled episodes, rows grouped by prompt (its G samples consecutive); numpy arrays.
+  The model outputs and answer checks are None / empty until `RolloutEngine.complete`."""
   prompts: list[Prompt]          # per row
   rows: dict[str, np.ndarray]    # build_rows layout
   mask: np.ndarray               # [B, T] float32, 1 on reply tokens (stop token included)
   replies: list[str] | None      # decoded, stop token removed (None: nothing reads text)
   stopped: np.ndarray            # [B] bool: ended with a stop token
-  scores: np.ndarray             # [B] float32, penalty included
-  log_probs: np.ndarray          # [B, T] log pi (training forward), 0 where masked
-  ref_log_probs: np.ndarray      # [B, T] log pi_ref
-  values: np.ndarray | None      # [B, T] V_t (PPO) or None
-  answers_correct: list[bool]    # per row whose prompt has an answer: the reply states it
+  scores: np.ndarray             # [B] float32, penalties and shaping included
+  log_probs: np.ndarray | None = None      # [B, T] log pi (training forward), 0 where masked;
+                                           # None when skipped (on-policy single update)
+  ref_log_probs: np.ndarray | None = None  # [B, T] log pi_ref
+  values: np.ndarray | None = None         # [B, T] V_t (PPO) or None
+  answers_correct: list[bool] = dataclasses.field(default_factory=list)
+  # per row whose prompt has an answer: the reply states it
 
   def batch_rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
     """The forward-pass fields of rows `index` (what every RL loss reads)."""
     return {k: self.rows[k][index] for k in ("tokens", "positions", "segment_ids")}
 
+  def take(self, index: np.ndarray) -> Rollout:
+    """Rows `index` of a rollout not yet completed (no model outputs)."""
+    return Rollout(prompts=[self.prompts[i] for i in index],
+                   rows={k: v[index] for k, v in self.rows.items()}, mask=self.mask[index],
+                   replies=None if self.replies is None else [self.replies[i] for i in index],
+                   stopped=self.stopped[index], scores=self.scores[index])
+
+
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+  """The rows of `parts` (rollouts not yet completed), in order."""
+  cat = lambda name: np.concatenate([getattr(p, name) for p in parts])
+  replies = None if parts[0].replies is None else [r for p in parts for r in p.replies]
+  return Rollout(prompts=[x for p in parts for x in p.prompts],
+                 rows={k: np.concatenate([p.rows[k] for p in parts]) for k in parts[0].rows},
+                 mask=cat("mask"), replies=replies, stopped=cat("stopped"),
+                 scores=cat("scores"))
+
+
+def informative_groups(scores: np.ndarray, g: int) -> np.ndarray:
+  """`[N]` bool: whether each group of G consecutive scores holds two different ones (a
+  group of equal scores has advantage 0 on every reply: no signal)."""
+  groups = np.asarray(scores).reshape(-1, g)
+  return groups.max(-1) > groups.min(-1)
+
 
 def rollout_metrics(r: Rollout) -> dict[str, float]:
-  """Iteration figures: mean score, KL(pi || pi_ref) per reply (k1, summed over its tokens),
-  reply length, stop rate, and answer accuracy when the prompts have answers."""
-  kl = ((r.log_probs - r.ref_log_probs) * r.mask).sum(-1)
+  """Iteration figures: mean score, KL(pi || pi_ref) per reply (k1, summed over its tokens;
+  when the policy's log-probs were computed), reply length, stop rate, and answer accuracy
+  when the prompts have answers."""
   out = {"score": float(r.scores.mean()), "score_std": float(r.scores.std()),
-         "kl": float(kl.mean()), "response_length": float(r.mask.sum(-1).mean()),
+         "response_length": float(r.mask.sum(-1).mean()),
          "stop_rate": float(r.stopped.mean())}
+  if r.log_probs is not None:  # else the loss reports it (training/rl/loop.py)
+    out["kl"] = float(((r.log_probs - r.ref_log_probs) * r.mask).sum(-1).mean())
   if r.answers_correct:
     out["answer_accuracy"] = float(np.mean(r.answers_correct))
   return out
@@ -129,18 +178,21 @@ class RolloutEngine:
                                      top_k=rl.top_k, top_p=rl.top_p)
     replicated = NamedSharding(mesh, P())
 
-    def forward(params, ref_params, rows):
+    def forward(params, ref_params, rows, policy: bool):
       with use_mesh_rules(mesh, rules):
         t = rows["mask"].shape[1]
-        log_probs, _, values = policy_outputs(spec.bind(params), rows, t)
         ref_log_probs = response_log_probs(ref_spec.bind(ref_params), rows, t)
-        out = {"log_probs": log_probs * rows["mask"],
-               "ref_log_probs": ref_log_probs * rows["mask"]}
-        if values is not None:
-          out["values"] = values * rows["mask"]
+        out = {"ref_log_probs": ref_log_probs * rows["mask"]}
+        if policy:
+          log_probs, _, values = policy_outputs(spec.bind(params), rows, t)
+          out["log_probs"] = log_probs * rows["mask"]
+          if values is not None:
+            out["values"] = values * rows["mask"]
         return out
 
-    self._forward = jax.jit(forward, out_shardings=replicated)
+    # Both compile on first use only: a run calls one of them.
+    self._forward = {policy: jax.jit(functools.partial(forward, policy=policy),
+                                     out_shardings=replicated) for policy in (True, False)}
 
   def make_sampler(self, max_new_tokens: int, **settings):
     return sampler.make_sampler(self.spec, max_new_tokens=max_new_tokens,
@@ -188,32 +240,82 @@ class RolloutEngine:
             if p.answer is not None]
 
   def forward(self, params, rows: dict[str, np.ndarray], mask: np.ndarray,
-              chunks: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Policy / reference log-probs (and values) `[B, T]`, computed chunk by chunk."""
+              chunks: Sequence[np.ndarray], *, policy: bool = True) -> dict[str, np.ndarray]:
+    """Reference and (with `policy`) policy log-probs and values `[B, T]`, chunk by chunk."""
     out: dict[str, np.ndarray] = {}
     for index in chunks:
       part = {k: rows[k][index] for k in ("tokens", "positions", "segment_ids")}
       part["mask"] = mask[index]
-      result = self._forward(params, self.ref_params, to_global(part, self.mesh, self.rules))
+      result = self._forward[policy](params, self.ref_params,
+                                     to_global(part, self.mesh, self.rules))
       for k, v in result.items():
         out.setdefault(k, np.zeros((len(mask),) + v.shape[1:], np.float32))[index] = to_host(v)
     return out
 
-  def collect(self, params, items: Sequence[PromptItem], rng: jax.Array,
-              chunks: Sequence[np.ndarray]) -> tuple[Rollout, dict[str, float]]:
-    """One rollout of `items` (already repeated G times) and its timings in seconds."""
+  def draw(self, params, items: Sequence[PromptItem], rng: jax.Array
+           ) -> tuple[Rollout, dict[str, float]]:
+    """Sampled and scored replies to `items` (already repeated G times; not yet completed)
+    and the seconds it took, `generate_s` and `score_s`."""
     start = time.perf_counter()
     rows, mask, replies, stopped = self.sample(self._sample, params, items, rng)
     generated = time.perf_counter()
     prompts = [it.prompt for it in items]
-    scores = self.score(rows, replies, stopped, prompts)
-    model = self.forward(params, rows, mask, chunks)
+    scores = self.score(rows, replies, stopped, prompts) + rewards.overlong_penalties(
+        mask.sum(-1), self.config.rl.max_new_tokens, self.config.reward.overlong_buffer)
     rollout = Rollout(prompts=prompts, rows=rows, mask=mask, replies=replies, stopped=stopped,
-                      scores=scores, log_probs=model["log_probs"],
-                      ref_log_probs=model["ref_log_probs"], values=model.get("values"),
-                      answers_correct=self.check_answers(replies, prompts))
+                      scores=scores)
     return rollout, {"generate_s": generated - start,
                      "score_s": time.perf_counter() - generated}
+
+  def complete(self, params, rollout: Rollout, chunks: Sequence[np.ndarray], *,
+               policy: bool = True) -> Rollout:
+    """`rollout` with its log-probs, values and answer checks; `policy=False` skips the
+    policy's pass (log_probs and values stay None)."""
+    model = self.forward(params, rollout.rows, rollout.mask, chunks, policy=policy)
+    return dataclasses.replace(rollout, log_probs=model.get("log_probs"),
+                               ref_log_probs=model["ref_log_probs"], values=model.get("values"),
+                               answers_correct=self.check_answers(rollout.replies,
+                                                                  rollout.prompts))
+
+
+def draw_groups(engine: RolloutEngine, params, round_items: Callable[[int], list[PromptItem]],
+                rng: jax.Array, *, groups: int, g: int, max_extra_rounds: int
+                ) -> tuple[Rollout, dict[str, float], dict[str, float]]:
+  """Dynamic sampling (module docstring): `groups` groups of G replies with a signal.
+
+  Args:
+    engine: draws each round.
+    params: the policy.
+    round_items: r -> the prompts of round r, each repeated G times (`groups` x G items).
+    rng: the key of round 0; round r > 0 draws with `fold_in(rng, r)`.
+    groups: groups in the batch.
+    g: replies per group.
+    max_extra_rounds: the cap on rounds after the first.
+  Returns:
+    (the rollout, not yet completed: groups with a signal in draw order, then as many
+    dropped groups as the cap left slots, the seconds of `draw`, figures: `extra_rounds`,
+    `zero_signal_drawn` (share of the drawn groups without a signal), `filled_groups` (slots
+    left to groups without a signal), `drawn_score` (mean score of every drawn reply: the
+    batch's own `score` is biased by the selection)).
+  """
+  kept, dropped, scores = [], [], []
+  times = {"generate_s": 0.0, "score_s": 0.0}
+  for r in range(max_extra_rounds + 1):
+    part, part_times = engine.draw(params, round_items(r), rng if r == 0
+                                   else jax.random.fold_in(rng, r))
+    times = {k: times[k] + part_times[k] for k in times}
+    scores.append(part.scores)
+    signal = informative_groups(part.scores, g)
+    for group, has_signal in enumerate(signal):
+      (kept if has_signal else dropped).append(part.take(np.arange(group * g, (group + 1) * g)))
+    if len(kept) >= groups:
+      break
+  filled = max(groups - len(kept), 0)
+  drawn = sum(len(s) for s in scores) // g
+  figures = {"extra_rounds": float(r), "zero_signal_drawn": len(dropped) / drawn,
+             "filled_groups": float(filled),
+             "drawn_score": float(np.mean(np.concatenate(scores)))}
+  return concat_rollouts(kept[:groups] + dropped[:filled]), times, figures
 
 
 def repeat_items(items: Sequence[PromptItem], times: int) -> list[PromptItem]:

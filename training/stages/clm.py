@@ -21,10 +21,13 @@ import ml_collections
 
 from data.mixture import make_mixed_clm_dataset, replay_data_config
 from data.pipeline import make_clm_dataset
+from models.moe import pop_aux
 from objectives.clm import clm_loss
+from objectives.router import add_router_losses
 from parallel.rules import batch_sharding
 from training.evaluation import SplitEvaluator, stage_batches
 from training.runs import load_params
+from training.batch_shapes import packed_rows
 from training.stage import EvalContext, Stage
 from training.step import make_eval_step
 
@@ -34,7 +37,13 @@ def clm_forward(model, batch, rng, cfg: ml_collections.ConfigDict, frozen):
   del rng, frozen
   logits = model(batch["inputs"], positions=batch["positions"],
                  segment_ids=batch["segment_ids"])
-  return clm_loss(logits, batch["targets"], batch["loss_mask"], z_loss=cfg.z_loss)
+  per_token, metrics = clm_loss(logits, batch["targets"], batch["loss_mask"], z_loss=cfg.z_loss)
+  aux = pop_aux(model)       # {} unless the model has MoE layers (models/moe.py)
+  if aux:
+    model_cfg = model.config
+    metrics = add_router_losses(metrics, aux, aux_coef=model_cfg.get("moe_aux_coef", 0.0),
+                                z_coef=model_cfg.get("moe_z_coef", 0.0))
+  return per_token, metrics
 
 
 def make_dataset(config, tokenizer, **kwargs):
@@ -89,5 +98,10 @@ class ClmEvaluator:
     return record
 
 
+def abstract_batch(config) -> dict:
+  """`Stage.abstract_batch`: packed text rows (data/pipeline.py, data/mixture.py)."""
+  return packed_rows(config)
+
+
 STAGE = Stage(name="clm", loss_fn=clm_forward, make_dataset=make_dataset,
-              make_evaluator=ClmEvaluator)
+              make_evaluator=ClmEvaluator, abstract_batch=abstract_batch)

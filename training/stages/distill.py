@@ -14,7 +14,7 @@ import ml_collections
 from configs.run_layout import read_run_config
 from objectives.distill import distill_loss
 from training.stage import FrozenModel, Stage
-from training.stages.clm import make_dataset
+from training.stages.clm import abstract_batch, make_dataset
 
 
 def teacher_model_config(path: str) -> ml_collections.ConfigDict:
@@ -49,4 +49,4 @@ def distill_forward(model, batch, rng, cfg: ml_collections.ConfigDict, frozen):
 
 
 STAGE = Stage(name="distill", loss_fn=distill_forward, make_dataset=make_dataset,
-              frozen_models=frozen_models)
+              frozen_models=frozen_models, abstract_batch=abstract_batch)

@@ -26,6 +26,7 @@ differ, this is the comparable figure. It needs a reference (or init_from).
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -34,6 +35,7 @@ from objectives.dpo import REFERENCE_FREE, Hyper, PairLogps, dpo_loss, preferenc
 from objectives.kto import kl_reference_point, kto_loss
 from objectives.pairs import pair_mask, segment_last, split_pairs
 from models.build import build_model_spec
+from training.batch_shapes import packed_rows
 from training.runs import load_params
 from training.stage import EvalContext, FrozenModel, Stage
 from training.stages.reference_cache import (ReferenceCache, make_pair_log_probs_fn,
@@ -182,5 +184,16 @@ class PairsEvaluator:
             "eval/pairs/logratio_margin": float(np.mean(ratio_w - ratio_l))}
 
 
+def abstract_batch(config) -> dict:
+  """`Stage.abstract_batch`: packed pairs (or KTO examples) of data/preferences.py, with the
+  cached reference log-probs in `cached` mode."""
+  fields = dict(sides=jnp.int32, example_ids=jnp.int32)
+  fields["desirable" if record_kind(config.objective) == "feedback" else "margins"] = jnp.float32
+  if _cached(config.objective):
+    fields["reference_logps"] = jnp.float32
+  return packed_rows(config, **fields)
+
+
 STAGE = Stage(name="dpo", loss_fn=dpo_forward, make_dataset=make_dataset,
-              frozen_models=frozen_models, prepare=prepare, make_evaluator=PairsEvaluator)
+              frozen_models=frozen_models, prepare=prepare, make_evaluator=PairsEvaluator,
+              abstract_batch=abstract_batch)

@@ -7,6 +7,7 @@ import ml_collections
 
 from data.mlm_masking import MaskingRule, make_mlm_dataset
 from objectives.mlm import mlm_loss
+from training.batch_shapes import packed_rows
 from training.stage import Stage
 
 
@@ -28,4 +29,10 @@ def make_dataset(config, tokenizer, **kwargs):
   return make_mlm_dataset(config.data, tokenizer, rule, seq_len=config.data.seq_len, **kwargs)
 
 
-STAGE = Stage(name="mlm", loss_fn=mlm_forward, make_dataset=make_dataset, model_kind="encoder")
+def abstract_batch(config) -> dict:
+  """`Stage.abstract_batch`: packed masked text (data/mlm_masking.py)."""
+  return packed_rows(config)
+
+
+STAGE = Stage(name="mlm", loss_fn=mlm_forward, make_dataset=make_dataset, model_kind="encoder",
+              abstract_batch=abstract_batch)

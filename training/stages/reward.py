@@ -12,11 +12,13 @@ split: `eval/accuracy`, `eval/margin`, `eval/chosen`, `eval/rejected`.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 
 from data.preferences import make_preference_dataset
 from objectives.pairs import pair_mask, segment_last, split_pairs
 from objectives.reward import bradley_terry_loss
+from training.batch_shapes import packed_rows
 from training.stage import Stage
 
 
@@ -36,5 +38,10 @@ def make_dataset(config, tokenizer, **kwargs):
                                  **kwargs)
 
 
+def abstract_batch(config) -> dict:
+  """`Stage.abstract_batch`: packed whole-sequence pairs (data/preferences.py)."""
+  return packed_rows(config, sides=jnp.int32, example_ids=jnp.int32, margins=jnp.float32)
+
+
 STAGE = Stage(name="reward", loss_fn=reward_forward, make_dataset=make_dataset,
-              model_kind="reward")
+              model_kind="reward", abstract_batch=abstract_batch)

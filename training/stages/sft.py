@@ -33,6 +33,7 @@ from models import sampler
 from objectives.sft import sft_loss
 from parallel.mesh import make_mesh
 from parallel.rules import get_rules
+from training.batch_shapes import packed_rows
 from training.runs import load_model
 from training.stage import EvalContext, Stage
 
@@ -157,5 +158,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str,
   return evaluator(model.params)
 
 
+def abstract_batch(config) -> dict:
+  """`Stage.abstract_batch`: packed conversations (data/sft.py), loss mask on replies."""
+  return packed_rows(config)
+
+
 STAGE = Stage(name="sft", loss_fn=sft_forward, make_dataset=make_dataset,
-              make_evaluator=GenerationEvaluator)
+              make_evaluator=GenerationEvaluator, abstract_batch=abstract_batch)
