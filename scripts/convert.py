@@ -48,7 +48,8 @@ from training.hf_runs import export_hf, import_hf
 from training.metrics import flatten_dict
 
 # Compute choices a stage keeps its own values of; every other field defines the checkpoint.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "attention_block", "init_std")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "attention_block",
+                   "attention_kernel_block", "init_std")
 
 
 def define_flags():
