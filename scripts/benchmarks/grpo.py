@@ -35,7 +35,8 @@ from data.prompts import PromptItem
 from models.build import count_params
 from parallel.mesh import make_mesh
 from parallel.rules import get_rules
-from scripts.benchmarks.ppo import RandomTokenIds, ppo_flops
+from scripts.benchmarks.ppo import ppo_flops
+from training.programs import StopIdsOnly
 from training.rl.loop import RLTrainer, initial_kl_coef
 from training.rl.rewards import RewardModelScorer
 
@@ -99,7 +100,7 @@ def benchmark_grpo(config: ml_collections.ConfigDict | None = None, *, prompts: 
            for i in range(prompts * (warmup + repeats))]
   reward_model = RewardModelScorer.random(config.model, make_mesh(config.mesh),
                                           get_rules(config.mesh.rules))
-  trainer = RLTrainer(config, tokenizer=RandomTokenIds(), train_items=items,
+  trainer = RLTrainer(config, tokenizer=StopIdsOnly(), train_items=items,
                       reward_model=reward_model,
                       old_log_probs_forward=True if old_log_probs_forward else None)
   state = jax.block_until_ready(trainer.fresh_state())

@@ -12,7 +12,7 @@ and values, then one epoch of PPO updates (`config.rl.minibatches` minibatches).
 
 All weights are random (no checkpoint is read) and no tokenizer is needed: prompts are random
 ids and replies are scored as tokens, never text, so a fresh checkout runs it. Stop ids lie
-outside the vocabulary (`RandomTokenIds`), so every reply runs to `new_tokens`: each iteration
+outside the vocabulary (`StopIdsOnly`), so every reply runs to `new_tokens`: each iteration
 does the same work and generates exactly `prompts * new_tokens` tokens. The figures are
 throughput, not learning.
 """
@@ -30,30 +30,14 @@ import models  # noqa: F401  (sets flax's variable-sharding mode before any modu
 from configs import ppo as ppo_config
 from data.conversation import Prompt, Turn
 from data.prompts import PromptItem
-from data.tokenizer import PAD_ID
 from models.build import count_params
 from models.flops import forward_flops_per_token
 from parallel.mesh import make_mesh
 from parallel.rules import get_rules
 from scripts.benchmarks.generation import generation_flops
+from training.programs import StopIdsOnly
 from training.rl.loop import RLTrainer, initial_kl_coef
 from training.rl.rewards import RewardModelScorer
-
-
-class RandomTokenIds:
-  """The ids a rollout reads from a tokenizer when prompts are random ids and replies are
-  scored by a reward model (no reward function, no answers, so nothing is decoded): padding,
-  EOS and the chat template's closing symbol (`token_to_id`, config.data.chat_template
-  'default'). EOS and the closing symbol are -1, an id the model never emits."""
-
-  pad_id = PAD_ID
-  eos_id = -1
-  # data/chat_template.py rejects a symbol that maps to `unk_id`; none here does.
-  unk_id = -2
-
-  def token_to_id(self, piece: str) -> int:
-    del piece  # every symbol the template asks for is the (never emitted) stop id
-    return self.eos_id
 
 
 def ppo_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -112,7 +96,7 @@ def benchmark_ppo(config: ml_collections.ConfigDict | None = None, *, prompts: i
   config = config.copy_and_resolve_references()
   config.init_from = ""
   config.reward.update(dict(function="", model=""))
-  # The template only names the stop symbol here (prompts are ids): RandomTokenIds has one.
+  # The template only names the stop symbol here (prompts are ids): StopIdsOnly has one.
   config.data.chat_template = "default"
   config.rl.update(dict(prompts_per_iteration=prompts, samples_per_prompt=1,
                         max_prompt_len=prompt_len, max_new_tokens=new_tokens, epochs=1))
@@ -125,7 +109,7 @@ def benchmark_ppo(config: ml_collections.ConfigDict | None = None, *, prompts: i
            for i in range(prompts * (warmup + repeats))]
   reward_model = RewardModelScorer.random(config.model, make_mesh(config.mesh),
                                           get_rules(config.mesh.rules))
-  trainer = RLTrainer(config, tokenizer=RandomTokenIds(), train_items=items,
+  trainer = RLTrainer(config, tokenizer=StopIdsOnly(), train_items=items,
                       reward_model=reward_model)
   state = jax.block_until_ready(trainer.fresh_state())
   kl_coef = initial_kl_coef(config)
