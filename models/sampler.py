@@ -13,6 +13,12 @@ Sampling: `temperature == 0` is greedy (argmax); otherwise the logits are divide
 temperature, cut to the `top_k` largest (0: all) and to the smallest set whose probability
 reaches `top_p` (nucleus sampling, Holtzman et al., 2020; 1.0: all), and sampled.
 
+Weights: before the prefill the sampler casts every matrix (projections, embeddings, LM head) to the compute dtype once, so each decode step reads bfloat16
+weights rather than float32 ones that it would cast again; decoding is bound by memory
+bandwidth, and this halves the weight bytes a step reads (`compute_dtype_params`). Every layer
+casts those matrices to the compute dtype before use anyway, so the result is bit-identical;
+vectors (norm scales, biases) and the MoE router, which are used in float32, stay as stored.
+
 Log-probs: `log_probs[b, t] = log softmax(logits)[token]` of the *unmodified* model distribution
 (temperature 1, no top-k / top-p cut), i.e. what a training forward pass over the same tokens
 gives: the behaviour log-probs RL objectives need, whatever the sampling settings.
@@ -32,6 +38,8 @@ from models.build import ModelSpec, Params
 from parallel.rules import Rules, batch_sharding, constrain, logical_to_spec, use_mesh_rules
 
 PROMPT_BUCKET = 64
+# Matrices that a layer uses in float32 rather than the compute dtype (models/moe.py's router).
+FULL_PRECISION_PARAMS = ("router",)
 
 
 class SampleOutput(NamedTuple):
@@ -100,6 +108,30 @@ def prompt_inputs(tokens: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax
   return jnp.where(real, slot - pad, 0).astype(jnp.int32), real.astype(jnp.int32)
 
 
+def compute_dtype_params(spec: ModelSpec, params: Params) -> Params:
+  """`params` with every floating matrix wider than the compute dtype cast to it, except
+  FULL_PRECISION_PARAMS.
+
+  A matrix: a param with two or more axes besides the scanned stack's `layers` axis (read from
+  `spec.logical_axes`), so a stacked norm scale `[layers, dim]` stays a vector. The layers cast
+  these matrices to the compute dtype before every use, so a model bound to the result computes
+  exactly what it computes from `params`, reading half the bytes per step from float32 storage
+  (module doc). Vectors (norm scales, biases) are kept: norms use them in float32.
+  """
+  dtype = jnp.dtype(spec.config.dtype)
+
+  def cast(path, x, names):
+    keys = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+    if (len([n for n in names if n != "layers"]) < 2
+        or not jnp.issubdtype(x.dtype, jnp.floating)
+        or jnp.finfo(x.dtype).bits <= jnp.finfo(dtype).bits
+        or any(key in FULL_PRECISION_PARAMS for key in keys)):
+      return x
+    return x.astype(dtype)
+  # The axes tree matches `params` down to each param, where it holds a tuple of names.
+  return jax.tree_util.tree_map_with_path(cast, params, spec.logical_axes)
+
+
 def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: int = 0,
                  stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, mesh=None, rules: Rules | None = None
@@ -138,7 +170,7 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
 
   def sample(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
              rng: jax.Array) -> dict[str, jax.Array]:
-    model = spec.bind(params)
+    model = spec.bind(compute_dtype_params(spec, params))
     batch, prompt_len = prompt_tokens.shape
     prompt_lengths = prompt_lengths.astype(jnp.int32)
     positions, segment_ids = prompt_inputs(prompt_tokens, prompt_lengths)

@@ -1,4 +1,5 @@
-"""Peak FLOP/s of the devices, the denominator of MFU.
+"""Peak FLOP/s of the devices, the denominator of MFU, and their memory bandwidth, the
+denominator of decoding's bandwidth utilisation.
 
 Accelerators: vendor dense peaks for the compute dtype. CPUs have no such number, so we measure
 the float32 matmul rate of this machine (the benchmark does the same, in the same run).
@@ -25,6 +26,42 @@ _BF16_PEAKS = {
     "B200": 2250e12, "B100": 1750e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
     "A10G": 70e12,
 }
+
+
+# Peak memory bandwidth (bytes/s) per chip, vendor specifications, matched as _BF16_PEAKS: the
+# denominator of decoding's bandwidth utilisation beside the rate measured in the same run.
+_MEMORY_BANDWIDTH = {
+    "TPU v4": 1.2e12, "TPU v5 lite": 819e9, "TPU v5e": 819e9, "TPU v5p": 2.765e12,
+    "TPU v5": 2.765e12, "TPU v6 lite": 1.64e12, "TPU v6e": 1.64e12, "TPU7x": 7.37e12,
+    "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "H20": 4.0e12,
+    "B200": 8.0e12, "B100": 8.0e12, "A100": 2.039e12, "L40S": 864e9, "L4": 300e9,
+    "A10G": 600e9,
+}
+
+
+def published_memory_bandwidth(device_kind: str) -> float | None:
+  """The vendor's peak memory bandwidth (bytes/s) of a chip named `device_kind`, or None."""
+  for name, rate in _MEMORY_BANDWIDTH.items():
+    if name.lower() in device_kind.lower():
+      return rate
+  return None
+
+
+def measure_memory_bandwidth(nbytes: int = 1 << 28, repeats: int = 10,
+                             device: jax.Device | None = None) -> float:
+  """Sustained bytes/s of streaming memory on one device: `y = x * 2 + 1` over `nbytes` of
+  float32, which reads `x` once and writes `y` once (2 x nbytes moved), the access pattern of
+  a decode step's weight and cache reads. The best of `repeats` timed calls."""
+  device = device or jax.local_devices()[0]
+  x = jax.device_put(jnp.ones((nbytes // 4,), jnp.float32), device)
+  stream = jax.jit(lambda x: x * 2.0 + 1.0)
+  stream(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    stream(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * (nbytes // 4) * 4 / best
 
 
 def published_peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:

@@ -10,6 +10,14 @@ every call does the same work and the count of new tokens is exact.
 Reported: new tokens/s over the whole call (prefill included), the prefill alone (a sampler
 with one new token), decode tokens/s without it, model FLOP/s of the forward passes
 (`generation_flops`) and the compile times.
+
+Decoding is bound by memory bandwidth, not matmul rate: every step reads all the weights and
+the whole KV cache to produce one token per row. So the benchmark also reports the decode
+step's memory-bandwidth utilisation: `decode_step_bytes` (`decode_bytes`: weights as the
+sampler holds them, in the compute dtype, plus every cache slot of every layer, which each
+step's attention reads) / the decode step's time / the machine's bandwidth. The bandwidth is
+the chip's published peak on accelerators (parallel/peak.py), with a streaming rate measured in
+the same run beside it; on CPU, that measured rate.
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ import numpy as np
 import models  # noqa: F401  (sets flax's variable-sharding mode before any module is built)
 from models.build import build_model_spec, count_params
 from models.flops import forward_flops_per_token
-from models.sampler import check_length, make_sampler
+from models.layers import dtype_of
+from models.sampler import check_length, compute_dtype_params, make_sampler
+from parallel.peak import measure_memory_bandwidth, published_memory_bandwidth
 from parallel.mesh import make_mesh
 from parallel.rules import batch_sharding, get_rules, tree_shardings
 
@@ -70,6 +80,45 @@ def generation_flops(cfg: ml_collections.ConfigDict, batch: int, prompt_len: int
   prefill = prompt_len * (forward_flops_per_token(cfg, prompt_len) - head) + head
   decode = (new_tokens - 1) * forward_flops_per_token(cfg, 2 * prompt_len + new_tokens)
   return batch * (prefill + decode)
+
+
+def decode_bytes(spec, batch: int, cache_len: int) -> dict[str, int]:
+  """Bytes one decode step reads from memory: weights and KV cache.
+
+  Weights as `make_sampler` holds them: matrices in the compute dtype when stored wider
+  (`models.sampler.compute_dtype_params`), vectors and the router as stored. The input
+  embedding table (and GPT-2's position table) is not counted unless it is also the LM head
+  (tied): a step reads only its rows for `batch` tokens. MoE experts all count (with a batch of
+  rows, top-k routing touches nearly all of them). The cache: keys and values of every layer,
+  all `cache_len` slots (attention reads every slot, masked), plus the slot segment ids.
+  """
+  cfg = spec.config
+  compute = dtype_of(cfg.dtype)
+  held = jax.eval_shape(lambda p: compute_dtype_params(spec, p), spec.shapes)
+  weights = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(held):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "pos_embed" or (name == "embed" and not cfg.tie_embeddings):
+      continue
+    weights += int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+  head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
+  cache = (2 * cfg.num_layers * batch * cfg.num_kv_heads * cache_len * head_dim
+           * compute.itemsize + batch * cache_len * 4)
+  return dict(weight_bytes=weights, cache_bytes=cache, step_bytes=weights + cache)
+
+
+def bandwidth_figures(nbytes: int, repeats: int = 10) -> dict[str, Any]:
+  """The bandwidth denominator: the chip's published peak where known (accelerators), else the
+  streaming rate measured here; the measured rate is reported in both cases."""
+  device = jax.devices()[0]
+  measured = measure_memory_bandwidth(nbytes, repeats)
+  published = (published_memory_bandwidth(device.device_kind)
+               if device.platform != "cpu" else None)
+  if published is not None:
+    return dict(memory_bandwidth=published, measured_bandwidth=measured,
+                bandwidth_source=f"published peak of {device.device_kind}")
+  return dict(memory_bandwidth=measured, measured_bandwidth=measured,
+              bandwidth_source=f"measured streaming {nbytes / 2**20:.0f} MiB")
 
 
 def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
@@ -128,6 +177,11 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
   prefill_s = statistics.median(_time_calls(prefill, args, repeats, warmup)[0])
   call_s = statistics.median(times)
   flops = generation_flops(config.model, batch, prompt_len, max_new_tokens)
+  # The cache the sampler allocates: the prompt plus every new token but the last.
+  traffic = decode_bytes(spec, batch, prompt_len + max_new_tokens - 1)
+  decode_step_s = max(call_s - prefill_s, 1e-9) / max(max_new_tokens - 1, 1)
+  on_cpu = jax.devices()[0].platform == "cpu"
+  bandwidth = bandwidth_figures(1 << (28 if on_cpu else 31))
   return dict(
       subcommand="generate", devices=mesh.size, platform=jax.devices()[0].platform,
       params=count_params(spec.shapes), batch=batch, prompt_len=prompt_len,
@@ -139,7 +193,12 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
       new_tokens_per_sec=new_tokens / call_s, prefill_s=prefill_s,
       decode_tokens_per_sec=batch * (max_new_tokens - 1) / max(call_s - prefill_s, 1e-9),
       flops_per_call=flops, model_flops_per_sec=flops / call_s, compile_s=compile_s,
-      prefill_compile_s=prefill_compile_s)
+      prefill_compile_s=prefill_compile_s, decode_step_s=decode_step_s,
+      decode_weight_bytes=traffic["weight_bytes"], decode_cache_bytes=traffic["cache_bytes"],
+      decode_step_bytes=traffic["step_bytes"],
+      decode_bandwidth=traffic["step_bytes"] / decode_step_s, **bandwidth,
+      bandwidth_utilisation=traffic["step_bytes"] / decode_step_s
+      / bandwidth["memory_bandwidth"])
 
 
 def format_generate(result: dict[str, Any]) -> str:
@@ -157,6 +216,15 @@ def format_generate(result: dict[str, Any]) -> str:
       f"prefill          {result['prefill_s'] * 1e3:.1f} ms; decode "
       f"{result['decode_tokens_per_sec']:,.0f} tokens/s",
       f"model FLOP/s     {result['model_flops_per_sec'] / 1e9:.1f} G (forward passes)",
+      f"decode step      {result['decode_step_s'] * 1e3:.2f} ms reading "
+      f"{result['decode_step_bytes'] / 2**20:.1f} MiB (weights "
+      f"{result['decode_weight_bytes'] / 2**20:.1f}, KV cache "
+      f"{result['decode_cache_bytes'] / 2**20:.1f}): "
+      f"{result['decode_bandwidth'] / 1e9:.1f} GB/s",
+      f"bandwidth util.  {100 * result['bandwidth_utilisation']:.1f}% of "
+      f"{result['memory_bandwidth'] / 1e9:.1f} GB/s ({result['bandwidth_source']}"
+      + ("" if result["bandwidth_source"].startswith("measured") else
+         f"; measured {result['measured_bandwidth'] / 1e9:.1f} GB/s") + ")",
       f"compile          {result['compile_s']:.1f} s (prefill-only sampler "
       f"{result['prefill_compile_s']:.1f} s)",
   ])

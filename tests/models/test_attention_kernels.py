@@ -1,9 +1,12 @@
 """Every attention kernel against the dense reference (values and gradients), which kernel a
 platform gets, the configurations a forced kernel refuses, and the TPU train step with splash.
 
-The Pallas kernels run in Pallas's interpreter on this CPU (`interpret=True`): the same kernel
-code, so the numbers are the kernel's own. cuDNN needs a GPU; here only its dispatch and
-config-time refusals are tested (the Pallas GPU kernel also lowers for CUDA from this host).
+The Pallas kernels run in Pallas's interpreter on a CPU (`interpret=True`): the same kernel
+code, so the numbers are the kernel's own. On a GPU host the Pallas GPU kernel runs natively
+and cuDNN is checked against the dense reference too (`ON_GPU`); elsewhere only cuDNN's
+dispatch and config-time refusals are tested (the Pallas GPU kernel also lowers for CUDA from
+this host). Float32 matmuls run at full precision on every backend here (`_PRECISE`: on GPUs
+XLA's default for float32 is TF32).
 
 Tolerances: float32 inputs within 2e-5 of the float32 dense reference (values) and 1e-4
 (gradients); bfloat16 inputs within 6e-2 of it (values, O(1) outputs: bfloat16's 8-bit
@@ -33,6 +36,8 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e .[tpu])")
 
 # Row 0: two documents then padding; row 1: one document. 256 tokens: two 128-row tiles.
+ON_GPU = jax.default_backend() == "gpu"
+_PRECISE = jax.default_matmul_precision("highest")
 LENGTH, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 2, 128
 SEGMENTS = np.zeros((2, LENGTH), np.int32)
 SEGMENTS[0, :100], SEGMENTS[0, 100:230], SEGMENTS[1] = 1, 2, 1
@@ -59,8 +64,10 @@ def _dense_and_kernel(kernel, case):
   mask = segment_mask(seg, seg, causal=causal, window=window)
   dense = lambda q, k, v: _real(dense_attention(q, k, v, mask, 0.1))
   # 128-row blocks (blockwise) and tiles (Pallas): two of each per row.
+  # On a GPU the Pallas GPU kernel runs natively; the others (TPU kernels) interpreted.
+  interpret = not (ON_GPU and kernel == "pallas_gpu")
   got = lambda q, k, v: _real(attend(kernel, q, k, v, seg, 0.1, causal=causal, window=window,
-                                     block=128, interpret=True))
+                                     block=128, interpret=interpret))
   return dense, got
 
 
@@ -68,10 +75,12 @@ def _dense_and_kernel(kernel, case):
 def test_kernel_equals_dense(kernel, case):
   (q, k, v), cot = _inputs()
   dense, got = _dense_and_kernel(kernel, case)
-  want, want_vjp = jax.vjp(dense, q, k, v)
-  out, got_vjp = jax.vjp(jax.jit(got), q, k, v)
+  with _PRECISE:
+    want, want_vjp = jax.vjp(dense, q, k, v)
+    out, got_vjp = jax.vjp(jax.jit(got), q, k, v)
+    grads = got_vjp(cot), want_vjp(cot)
   np.testing.assert_allclose(out, want, atol=2e-5)
-  for g, w in zip(got_vjp(cot), want_vjp(cot)):
+  for g, w in zip(*grads):
     np.testing.assert_allclose(g, w, atol=1e-4)
 
 
@@ -80,8 +89,37 @@ def test_kernel_in_bfloat16_tracks_float32_dense(kernel):
   (q, k, v), _ = _inputs()
   dense, got = _dense_and_kernel(kernel, "causal")
   out = jax.jit(got)(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
-  np.testing.assert_allclose(out, dense(q, k, v), atol=6e-2)
-  assert float(jnp.abs(out - dense(q, k, v)).mean()) < 1e-2
+  with _PRECISE:
+    want = dense(q, k, v)
+  np.testing.assert_allclose(out, want, atol=6e-2)
+  assert float(jnp.abs(out - want).mean()) < 1e-2
+
+
+@pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs a GPU")
+@pytest.mark.parametrize("case", list(CASES))
+def test_cudnn_in_bfloat16_tracks_float32_dense(case):
+  # cuDNN takes rows of one document from slot 0 (row 1: the whole row; row 0: 230 tokens,
+  # then padding); values and gradients in bfloat16 against the float32 reference.
+  causal, window = CASES[case]
+  segments = np.zeros((2, LENGTH), np.int32)
+  segments[0, :230], segments[1] = 1, 1
+  seg = jnp.asarray(segments)
+  real = lambda x: x.astype(jnp.float32) * (seg > 0)[:, :, None, None]
+  mask = segment_mask(seg, seg, causal=causal, window=window)
+  (q, k, v), cot = _inputs()
+  dense = lambda q, k, v: real(dense_attention(q, k, v, mask, 0.1))
+  got = lambda q, k, v: real(attend("cudnn", q, k, v, seg, 0.1, causal=causal,
+                                    window=window))
+  with _PRECISE:
+    want, want_vjp = jax.vjp(dense, q, k, v)
+    grads_want = want_vjp(cot)
+  low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  out, got_vjp = jax.vjp(jax.jit(got), *low)
+  np.testing.assert_allclose(out, want, atol=6e-2)
+  assert float(jnp.abs(out - want).mean()) < 1e-2
+  for g, w in zip(got_vjp(cot), grads_want):
+    scale = float(jnp.abs(w).max())
+    assert float(jnp.abs(g.astype(jnp.float32) - w).max()) < 5e-2 * scale
 
 
 def _layer(**overrides):

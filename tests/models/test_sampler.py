@@ -8,7 +8,8 @@ import pytest
 import models  # noqa: F401
 from models import kv_cache
 from models.build import build_model_spec
-from models.sampler import generate, left_pad, prompt_inputs, sample_logits
+from models.sampler import (compute_dtype_params, generate, left_pad, prompt_inputs,
+                            sample_logits)
 from parallel.mesh import make_mesh
 from parallel.rules import get_rules
 from tests.models.test_decoder import STYLES, small_config
@@ -201,3 +202,29 @@ def test_sharded_generation_equals_unsharded(llama):
                      **kw)
   np.testing.assert_array_equal(sharded.tokens, plain.tokens)
   np.testing.assert_allclose(sharded.log_probs, plain.log_probs, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(num_experts=4, experts_per_token=2,
+                                                       expert_mlp_dim=32)])
+def test_sampling_weights_in_the_compute_dtype_change_no_logit(overrides):
+  # The sampler casts float32 matrices to bfloat16 once per call (less to read per decode
+  # step); every layer casts them before use anyway, so the logits are bit-identical.
+  cfg = small_config(dtype="bfloat16", tie_embeddings=False, **overrides)
+  spec = build_model_spec(cfg)
+  params = spec.init(jax.random.PRNGKey(0))
+  cast = compute_dtype_params(spec, params)
+  kinds = {jax.tree_util.keystr(path): leaf.dtype
+           for path, leaf in jax.tree_util.tree_leaves_with_path(cast)}
+  assert {d for k, d in kinds.items() if "lm_head" in k or "embed" in k} == {jnp.dtype(jnp.bfloat16)}
+  assert {d for k, d in kinds.items() if "norm" in k or "router" in k} == {jnp.dtype(jnp.float32)}
+  tokens = jnp.asarray([[2, 17, 5, 40, 9, 33, 12, 8]])
+  positions, seg = jnp.arange(8)[None], jnp.ones((1, 8), jnp.int32)
+  logits = lambda p: np.asarray(spec.bind(p)(tokens, positions=positions, segment_ids=seg),
+                                np.float32)
+  np.testing.assert_array_equal(logits(cast), logits(params))
+  # Nothing to gain from float32 compute: every param keeps its dtype.
+  spec32 = build_model_spec(small_config(dtype="float32", **overrides))
+  params32 = spec32.init(jax.random.PRNGKey(0))
+  assert all(a.dtype == b.dtype for a, b in zip(
+      jax.tree_util.tree_leaves(compute_dtype_params(spec32, params32)),
+      jax.tree_util.tree_leaves(params32)))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from parallel.peak import published_peak_flops
+from parallel.peak import published_memory_bandwidth, published_peak_flops
 
 
 @pytest.mark.parametrize("kind, dtype, peak", [
@@ -18,3 +18,10 @@ from parallel.peak import published_peak_flops
 ])
 def test_published_peak(kind, dtype, peak):
   assert published_peak_flops(kind, dtype) == peak
+
+
+@pytest.mark.parametrize("kind, rate", [
+    ("NVIDIA H100 80GB HBM3", 3.35e12), ("NVIDIA H100 PCIe", 2.0e12), ("NVIDIA H200", 4.8e12),
+    ("TPU v5 lite", 819e9), ("cpu", None)])
+def test_published_memory_bandwidth(kind, rate):
+  assert published_memory_bandwidth(kind) == rate

@@ -18,7 +18,9 @@ from configs.pretrain import get_config
 from models.flops import matmul_params
 from scripts import benchmark
 from scripts.benchmarks.dpo import benchmark_dpo, dpo_config, format_dpo, random_pair_batch
-from scripts.benchmarks.generation import benchmark_generate, format_generate, generation_flops
+from models.build import build_model_spec
+from scripts.benchmarks.generation import (benchmark_generate, decode_bytes, format_generate,
+                                          generation_flops)
 
 TINY = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
             max_length=64)
@@ -144,3 +146,33 @@ def test_clm_command_runs_under_the_chosen_allocator():
   figures = json.loads(result.stdout.strip().splitlines()[-1])
   assert figures["allocator"] == "glibc_tuned" and figures["tokens_per_sec"] > 0
   assert result.stdout.count("clm: ") == 1  # one run, not one per process
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_decode_bytes_count_weights_as_sampled_and_the_whole_cache(tie):
+  # TINY in bfloat16: d 32, 2 layers, 4 heads of 8, 2 KV heads, SwiGLU 64, vocab 64.
+  cfg = tiny_config().model
+  cfg.update(dtype="bfloat16", tie_embeddings=tie)
+  spec = build_model_spec(cfg)
+  got = decode_bytes(spec, batch=3, cache_len=10)
+  per_layer = (32 * 4 * 8 + 2 * 32 * 2 * 8 + 4 * 8 * 32 + 3 * 32 * 64) * 2 + 2 * 32 * 4
+  head = 64 * 32 * 2  # the LM head (or the tied table), bfloat16; the input table is not read
+  assert got["weight_bytes"] == 2 * per_layer + 32 * 4 + head
+  # k and v, 2 layers, 3 rows, 2 KV heads, 10 slots, head_dim 8, bfloat16; segment ids int32.
+  assert got["cache_bytes"] == 2 * 2 * 3 * 2 * 10 * 8 * 2 + 3 * 10 * 4
+  assert got["step_bytes"] == got["weight_bytes"] + got["cache_bytes"]
+
+
+def test_generate_reports_decode_bandwidth_utilisation():
+  result = benchmark_generate(tiny_config(), batch=8, prompt_len=8, max_new_tokens=4,
+                              repeats=1, warmup=0)
+  spec = build_model_spec(tiny_config().model)
+  assert result["decode_step_bytes"] == decode_bytes(spec, 8, 8 + 4 - 1)["step_bytes"]
+  np.testing.assert_allclose(result["decode_step_s"],
+                             (result["call_s_median"] - result["prefill_s"]) / 3)
+  np.testing.assert_allclose(result["bandwidth_utilisation"],
+                             result["decode_step_bytes"] / result["decode_step_s"]
+                             / result["memory_bandwidth"])
+  # On CPU the denominator is the streaming rate measured in the same run.
+  assert result["memory_bandwidth"] == result["measured_bandwidth"] > 1e8
+  assert "bandwidth util." in format_generate(result)
