@@ -12,11 +12,18 @@
                 table); five local layers then one global; local layers rotate by
                 `rope_local_base_freq` (transformers 5: `rope_parameters.sliding_attention`),
                 global ones by `rope_theta` with `rope_scaling` (`rope_parameters.full_attention`).
+  gemma3        the multimodal checkpoints (`Gemma3ForConditionalGeneration`: Gemma 3 4B, 12B,
+                27B as published) read as their text decoder: the `text_config` (which lists
+                only the fields that differ from transformers' Gemma3TextConfig defaults, so
+                those defaults fill the rest), the `language_model.` tensors (the hub's
+                `language_model.model.*`, or transformers 4.5x's `model.language_model.*`)
+                under gemma3_text's table, the vision tower and projector skipped. Import
+                only: such a model exports as gemma3_text (`Gemma3ForCausalLM`), which
+                transformers and the multimodal model's text path load alike.
 
 Norm weights are stored as Gemma stores them (the w of 1 + w, config.model.norm_plus_one), so
 they copy exactly both ways. `layer_types` converts to `sliding_window_pattern` N (layer i
-global when (i + 1) % N == 0); a list that is no such pattern is refused. The multimodal
-Gemma 3 checkpoints (`Gemma3ForConditionalGeneration`, model_type gemma3) are not read here.
+global when (i + 1) % N == 0); a list that is no such pattern is refused.
 """
 
 from __future__ import annotations
@@ -178,12 +185,49 @@ def _gemma_maps(model_type: str):
   return maps
 
 
+# transformers' Gemma3TextConfig defaults (the published multimodal configs omit these fields).
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+    hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072, rms_norm_eps=1e-6,
+    query_pre_attn_scalar=256, sliding_window=4096, tie_word_embeddings=True,
+    attention_bias=False)
+# Where the text decoder's tensors sit in a multimodal checkpoint -> gemma3_text's names.
+_MULTIMODAL_SCOPES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                      ("language_model.lm_head.", "lm_head."))
+_VISION_SCOPES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                  "model.multi_modal_projector.")
+
+
+def _gemma3_multimodal_read(hf: dict) -> dict:
+  text = {**_GEMMA3_TEXT_DEFAULTS, **(hf.get("text_config") or {}), "model_type": "gemma3_text"}
+  if "tie_word_embeddings" in hf:
+    text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+  return _gemma_read(text)
+
+
+def _gemma3_multimodal_name(name: str) -> str:
+  for scope, ours in _MULTIMODAL_SCOPES:
+    if name.startswith(scope):
+      return ours + name[len(scope):]
+  return name
+
+
+def _gemma3_multimodal_write(cfg: ml_collections.ConfigDict) -> dict:
+  raise ValueError("gemma3 (Gemma3ForConditionalGeneration) is read only: export the text "
+                   "decoder as gemma3_text")
+
+
 GEMMA_FAMILIES: dict[str, Family] = {
     "gemma2": Family("gemma2", "Gemma2ForCausalLM", _gemma_read, _gemma_write("gemma2"),
                      _gemma_maps("gemma2"), _llama_ignored, prefix="model."),
     "gemma3_text": Family("gemma3_text", "Gemma3ForCausalLM", _gemma_read,
                           _gemma_write("gemma3_text"), _gemma_maps("gemma3_text"),
                           _llama_ignored, prefix="model."),
+    "gemma3": Family("gemma3", "Gemma3ForConditionalGeneration", _gemma3_multimodal_read,
+                     _gemma3_multimodal_write, _gemma_maps("gemma3_text"),
+                     lambda name: _llama_ignored(name) or name.startswith(_VISION_SCOPES),
+                     prefix="model.", canonical=_gemma3_multimodal_name),
 }
 
 

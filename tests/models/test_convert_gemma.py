@@ -107,3 +107,36 @@ def test_kv_cache_decoding_equals_full_forward(converted):
     logits, cache = call(jnp.asarray(tokens[:, t:t + 1]), jnp.full((1, 1), t), cache)
     got.append(np.asarray(logits)[0])
   np.testing.assert_allclose(np.concatenate(got), full[0], atol=1e-5)
+
+
+def test_multimodal_gemma3_imports_its_text_decoder(tmp_path):
+  # Gemma 3 4B / 12B / 27B are published as Gemma3ForConditionalGeneration: the text decoder
+  # under `language_model.model.*`, a vision tower and projector beside it, and a text_config
+  # that lists only what differs from Gemma3TextConfig's defaults.
+  text = dict(COMMON, **CASES["gemma3_text"][2])
+  vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                image_size=28, patch_size=14)
+  hf_model = hp.randomize(transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+      text_config=text, vision_config=vision, mm_tokens_per_image=4)), std=0.3)
+  hf_model.save_pretrained(tmp_path / "hf")
+  model_cfg = import_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  assert (model_cfg.num_layers, model_cfg.head_dim, model_cfg.rope_local_theta) == (7, 12, 100.0)
+  assert layer_kinds(model_cfg) == KINDS["gemma3_text"]
+  spec, params = hp.restore_ours(str(tmp_path / "ours"), model_cfg)
+  tokens, mask, positions = hp.padded_batch(VOCAB)
+  ours = np.asarray(spec.bind(params)(tokens, positions=positions, segment_ids=mask))
+  assert np.abs(ours - hp.hf_logits(hf_model, tokens, mask))[mask > 0].max() < hp.TOL
+  # The sparse text_config of a published checkpoint: the defaults fill the rest.
+  from models.convert.hf_import import model_config_from_hf
+  published = dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"],
+                   text_config=dict(hidden_size=2560, intermediate_size=10240,
+                                    model_type="gemma3_text", num_hidden_layers=34,
+                                    rope_scaling=dict(factor=8.0, rope_type="linear"),
+                                    sliding_window=1024))
+  cfg = model_config_from_hf(published)
+  assert (cfg.vocab_size, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+      262208, 2560, 8, 4, 256)
+  assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_scaling.factor) == (1e6, 1e4, 8.0)
+  assert (cfg.sliding_window, cfg.sliding_window_pattern, cfg.tie_embeddings) == (1024, 6, True)
+  with pytest.raises(ValueError, match="read only"):
+    export_hf(str(tmp_path / "ours"), str(tmp_path / "back"), family="gemma3")
