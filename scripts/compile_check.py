@@ -248,6 +248,23 @@ def find_batch(config, devices, budget: int, *, presets, names=(), say=print
               stage=best[0] if best else None, results=best[1] if best else [])
 
 
+def _check_batch_divides(config, devices, presets) -> None:
+  """A batch that does not split evenly over the mesh's batch shards is a usage error naming
+  the config key and the nearest batches that do, not an IndivisibleError from deep in JAX."""
+  knob = batch_knob(config)
+  shards = stage_programs(config, devices, presets).batch_shards
+  unit = batch_unit(config, shards)
+  section, field = knob.split(".")
+  value = config[section][field]
+  if value % unit:
+    below, above = value // unit * unit, (value // unit + 1) * unit
+    raise app.UsageError(
+        f"config.{knob}={value} does not split over the mesh's {shards} batch shards (with "
+        f"grad_accum_steps / RL minibatches: multiples of {unit}); use "
+        + (f"{below} or {above}" if below else f"{above}")
+        + ", more tensor parallelism (config.mesh.tensor), or --find_batch")
+
+
 def _parse_presets(values: Sequence[str]) -> dict[str, str]:
   out = {}
   for value in values:
@@ -287,6 +304,7 @@ def check(config, *, topology: str = "", num_slices: int = 1, hbm_gib: float | N
     if stage is not None:
       config = _with_batch(config, found["knob"], found["largest"])
   if not search or stage is None:
+    _check_batch_divides(config, devices, presets)
     stage, results = check_stage(config, devices, budget, presets=presets, names=names)
   mesh = stage.mesh
   say(f"target      {target_name}: {mesh.size} x {mesh.devices.flat[0].device_kind}"

@@ -5,6 +5,7 @@ the batch search on a budget whose answer is known; and the RL minibatch shapes 
 the algorithms really hand the train step."""
 
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import app
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import cpt, distill, dpo, grpo, mlm, online_dpo, ppo, pretrain, reward, sft
@@ -278,6 +280,17 @@ def test_find_batch_on_a_budget_between_two_batches(v5e_2x2):
   assert [(p["batch"], p["fits"]) for p in found["probes"]] == [
       (4, True), (8, True), (16, False), (12, False)]
   assert found["compiles"] == 4 and found["probes"][1]["peak"] == peaks[8]
+
+
+@needs_libtpu
+def test_a_batch_that_does_not_split_over_the_mesh_is_a_usage_error():
+  # 6 rows over v5e:2x2's 4 batch shards: one line naming the key and the batches that split,
+  # before anything compiles (not JAX's IndivisibleError from inside the lowering).
+  config = _shrunk(sft, "tiny")
+  config.data.global_batch_size = 6
+  with pytest.raises(app.UsageError, match=r"config.data.global_batch_size=6 does not split "
+                     r"over the mesh's 4 batch shards .*use 4 or 8"):
+    check(config, topology="v5e:2x2", out=io.StringIO())
 
 
 # --- RL minibatch shapes ------------------------------------------------------------------------
