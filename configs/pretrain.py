@@ -5,7 +5,9 @@ Run the tiny preset (embedded tiny-world data, trains its own tokenizer, CPU in 
   python -m scripts.train --config configs/pretrain.py:tiny --workdir runs/pretrain_tiny
 
 Other presets: `tiny_moe` (tiny with 8 routed experts, 2 per token), `bench` (benchmark
-shape), `125m`, `1b`, `llama3_8b`. Any field can be overridden, e.g.
+shape), `125m`, `1b`, `llama3_8b`, and the published families' shapes (`qwen3_8b`,
+`gemma2_9b`, `gemma3_12b`, `mixtral_8x7b`, `qwen3_30b_a3b`: continued pretraining from a
+converted checkpoint, `--config.init_from=...`, and pod-fit checks). Any field can be overridden, e.g.
 `--config.optimizer.lr=3e-4 --config.data.train_files='corpus/*.jsonl'`; an unknown key is an
 error that names it.
 """
@@ -14,6 +16,10 @@ import ml_collections
 
 from configs import base
 from configs.models import model_config
+
+
+# configs/models.py's presets of published families (shapes as released; bf16, full remat).
+FAMILY_PRESETS = ("qwen3_8b", "gemma2_9b", "gemma3_12b", "mixtral_8x7b", "qwen3_30b_a3b")
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -45,19 +51,20 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.data.seq_len = 512
     config.data.global_batch_size = 8
     config.train.steps = 20
-  elif arg in ("125m", "1b", "llama3_8b"):
+  elif arg in ("125m", "1b", "llama3_8b") or arg in FAMILY_PRESETS:
     config.model = model_config(arg)
     config.data.source = "files"
-    config.data.seq_len = {"125m": 1024, "1b": 2048, "llama3_8b": 8192}[arg]
-    config.data.global_batch_size = {"125m": 256, "1b": 512, "llama3_8b": 256}[arg]
-    config.train.steps = {"125m": 100_000, "1b": 200_000, "llama3_8b": 500_000}[arg]
+    config.data.seq_len = {"125m": 1024, "1b": 2048, "llama3_8b": 8192}.get(arg, 4096)
+    config.data.global_batch_size = {"125m": 256, "1b": 512}.get(arg, 256)
+    config.train.steps = {"125m": 100_000, "1b": 200_000}.get(arg, 500_000)
     config.train.eval_every = 1000
     config.train.log_every = 10
     config.checkpoint.every_steps = 1000
     config.optimizer.warmup_steps = 2000
-    config.optimizer.lr = {"125m": 6e-4, "1b": 3e-4, "llama3_8b": 3e-4}[arg]
+    config.optimizer.lr = {"125m": 6e-4}.get(arg, 3e-4)
     config.mesh.fsdp = -1
     config.mesh.data = 1
   else:
-    raise ValueError(f"unknown preset {arg!r}: tiny, tiny_moe, bench, 125m, 1b, llama3_8b")
+    raise ValueError(f"unknown preset {arg!r}: tiny, tiny_moe, bench, 125m, 1b, llama3_8b, "
+                     + ", ".join(FAMILY_PRESETS))
   return config
