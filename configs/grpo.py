@@ -10,9 +10,16 @@ verifiable `tiny_answer` reward:
   python -m scripts.train --config configs/grpo.py:tiny,rloo --workdir runs/rloo_tiny \\
       --config.init_from=runs/sft_tiny
 
-The preset is `size[,variant]`: size tiny | bench (scripts/benchmark.py grpo) | 1b; variant
-grpo (the default) | bnpo | dr_grpo | dapo | gspo | cispo, each `objective.loss_type` with
-its paper's settings (`VARIANTS`), or rloo (leave-one-out baselines, GRPO's loss). The
+With tools (multi-turn episodes: the model calls the tiny world's lookup and calculator,
+the results are fed back and masked out of the loss; training/rl/episodes.py), from the
+tool-use SFT model (configs/sft.py:tiny_tools):
+
+  python -m scripts.train --config configs/grpo.py:tiny_tools --workdir runs/grpo_tools_tiny \\
+      --config.init_from=runs/sft_tools_tiny
+
+The preset is `size[,variant]`: size tiny | tiny_tools | bench (scripts/benchmark.py grpo) |
+1b; variant grpo (the default) | bnpo | dr_grpo | dapo | gspo | cispo, each
+`objective.loss_type` with its paper's settings (`VARIANTS`), or rloo (leave-one-out baselines, GRPO's loss). The
 formulas and papers are in objectives/grpo.py; any field can still be overridden. Setting
 `--config.objective.loss_type=dapo` alone changes only the loss (token level, as bnpo): the
 `dapo` variant also sets clip-higher, no KL, dynamic sampling and overlong shaping.
@@ -29,6 +36,14 @@ counting and the reported metrics.
 
 With `rl.epochs` = `rl.minibatches` = 1 (bench) the one update is on-policy and the rollout
 skips the policy's forward pass for log pi_old (training/rl/loop.py).
+
+Off-policy, overlapped rollouts, e.g. one step stale on 4 of 8 devices (training/rl/
+offpolicy.py; docs/results_rl.md has the tiny-world comparison):
+
+  python -m scripts.train --config configs/grpo.py:tiny --workdir runs/grpo_k1_tiny \
+      --config.init_from=runs/sft_tiny --config.rl.staleness=1 --config.rl.rollout_devices=4
+
+Packed updates: `--config.rl.pack_updates=True` (training/rl/packing.py).
 """
 
 import ml_collections
@@ -83,6 +98,22 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # the held-out ones, drifting further from the reference; at 2e-5 held-out stays put
     # while the RL questions still gain (docs/results_rl.md, the presets and ablations).
     config.optimizer.lr = 2e-5
+  elif size == "tiny_tools":
+    # Multi-turn episodes with the tiny world's lookup and calc tools (training/rl/
+    # episodes.py), from the tool-use SFT model (configs/sft.py:tiny_tools). A reply is one
+    # turn (a call or the answer); a price question takes three turns and ~120 tokens.
+    set_tiny(config)
+    config.init_from = "runs/sft_tools_tiny"
+    config.rl.update(dict(prompts_per_iteration=16, samples_per_prompt=8, epochs=1,
+                          tools="tiny_world", max_new_tokens=40, max_turns=4,
+                          max_episode_tokens=160))
+    # Greedy held-out figures only: an episode costs a sampler call per turn, and sampled
+    # evaluation (8 episodes per question) would take longer than the iterations.
+    config.eval.update(dict(max_new_tokens=40, samples=0))
+    # Faster than `tiny`'s 2e-5: what RL teaches here (use the results the tools return) is
+    # no fact of the RL questions, so it carries over to held-out ones.
+    config.optimizer.lr = 5e-5
+    config.train.steps = 60  # held-out accuracy still rose after 30 (docs/results_rl.md)
   elif size == "bench":
     # scripts/benchmark.py grpo: one iteration of 4 prompts x 4 samples, prompts of 64
     # tokens, 64 new tokens, one on-policy update with the reference's KL in the loss.
@@ -96,7 +127,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.optimizer.update(dict(lr=1e-6, warmup_steps=10, schedule="constant",
                                  weight_decay=0.0))
   else:
-    raise ValueError(f"unknown preset size {size!r}: tiny, bench, 1b")
+    raise ValueError(f"unknown preset size {size!r}: tiny, tiny_tools, bench, 1b")
   for section, fields in VARIANTS[variant].items():
     config[section].update(fields)
   if variant == "dapo":

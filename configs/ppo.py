@@ -27,7 +27,9 @@ of the questions the SFT stage never saw and holds out the other half; 'sft' tra
 stage's own questions) or files (`data.train_files` / `eval_files` of {prompt, answer?}
 records, docs/formats.md). docs/results_rl.md has the tiny runs' figures.
 
-Sections: `rl` (sampling and update schedule, DAPO's dynamic sampling), `reward` (function
+Sections: `rl` (sampling and update schedule, DAPO's dynamic sampling, packed updates:
+training/rl/packing.py, off-policy overlapped rollouts with staleness, rollout_devices and
+max_importance_ratio: training/rl/offpolicy.py), `reward` (function
 and / or reward-model run, missing-stop penalty, DAPO's overlong shaping:
 training/rl/rewards.py), `value` (source 'head' on the policy or a
 separate 'model'; `init_from` of the latter, '' = reward.model, else init_from), `eval`,
@@ -71,6 +73,22 @@ def add_rl_sections(config: ml_collections.ConfigDict) -> None:
       # and more prompts sampled, up to this many extra rounds (training/rl/rollout.py).
       dynamic_sampling=False,
       dynamic_sampling_max_rounds=8,
+      # Multi-turn episodes with tools (training/rl/episodes.py): '' = one reply per prompt,
+      # else a toolset of data/tools.py ('tiny_world': lookup and calc); max_new_tokens then
+      # caps each reply, these two the episode.
+      tools="",
+      max_turns=4,             # model turns per episode at most (tools)
+      max_episode_tokens=128,  # tokens after the prompt, model's and tools', at most (tools)
+      # Pack each minibatch's episodes (prompt + reply, no padding) into rows with segment
+      # ids for the update (training/rl/packing.py); off: every row is P + T wide.
+      pack_updates=False,
+      # Off-policy, overlapped rollouts (training/rl/offpolicy.py): iteration t + staleness
+      # is sampled with iteration t's weights while t updates (0: synchronous), on the first
+      # rollout_devices devices (0: on the training mesh), each token's policy loss weighted
+      # by min(pi_old / pi_behaviour, max_importance_ratio) (truncated importance sampling).
+      staleness=0,
+      rollout_devices=0,
+      max_importance_ratio=2.0,
   ))
   config.reward = ml_collections.ConfigDict(dict(
       function="tiny_answer",  # training/rl/rewards.py REWARD_FUNCTIONS ('' = none)

@@ -18,11 +18,20 @@ tokens only) and, from greedy generation on held-out questions, `eval/answer_acc
 
 SFT fields: `data.format` auto | alpaca | sharegpt (records of another format are errors),
 `data.chat_template` default | chatml, `data.supervise` all | last (assistant turns with loss),
-`data.tiny_task` alpaca | sharegpt | mixed (source tiny_world), `objective.normalize`
+`data.tiny_task` alpaca | sharegpt | mixed | tools (source tiny_world), `objective.normalize`
 token | example, `eval.*` (held-out generation), and `data.replay_*` (base config): a
 `replay_weight` share of the training examples are pretraining documents (plain next-token
 loss), which limits forgetting; the tiny preset replays 30% of the tiny world's prose.
 Truncation of conversations longer than `data.seq_len`: data/sft.py.
+
+Preset `tiny_tools`: tool-use demonstrations (`data.tiny_task=tools`, data/tool_tasks.py:
+question -> lookup / calc calls -> results -> answer; loss on the model's turns only) from the
+tiny SFT model, the first step of the tool-use chain (docs/results_rl.md, "Tools"):
+
+  python -m scripts.train --config configs/sft.py:tiny_tools --workdir runs/sft_tools_tiny \\
+      --config.init_from=runs/sft_tiny
+  python -m scripts.train --config configs/grpo.py:tiny_tools --workdir runs/grpo_tools_tiny \\
+      --config.init_from=runs/sft_tools_tiny
 
 Presets `1b` and `llama3_8b`: your own JSONL files in ChatML, e.g. --config.init_from=runs/base
 --config.data.tokenizer=tok.model --config.data.train_files='sft/*.jsonl'
@@ -50,7 +59,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       format="auto",           # 'auto' | 'alpaca' | 'sharegpt' record format (docs/formats.md)
       chat_template="default",  # 'default' | 'chatml' (data/chat_template.py)
       supervise="all",         # loss on 'all' assistant turns or only the 'last' one
-      tiny_task="mixed",       # source tiny_world: 'alpaca' | 'sharegpt' | 'mixed' records
+      tiny_task="mixed",       # source tiny_world: 'alpaca' | 'sharegpt' | 'mixed' | 'tools'
       tiny_task_train_records=4000,
       tiny_task_eval_records=200,
       pack_bins=16,
@@ -62,7 +71,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       batch_size=64,           # prompts generated at once
       prompt_files="",         # JSONL {prompt, answer} records; '' = from the data source
   ))
-  if arg == "tiny":
+  if arg in ("tiny", "tiny_tools"):
     config.init_from = "runs/pretrain_tiny"
     config.model = model_config("tiny")  # must match the pretraining run's model
     config.data.source = "tiny_world"
@@ -81,6 +90,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 100
     config.optimizer.lr = 1e-3
     config.optimizer.warmup_steps = 20
+    if arg == "tiny_tools":
+      # A few tool-use demonstrations (data/tool_tasks.py) on top of the tiny SFT model:
+      # 400 train questions answered by lookup / calc calls; a price question's episode is
+      # ~130 tokens, hence the longer rows. Held-out figures with the tools come from the
+      # RL evaluation (configs/grpo.py:tiny_tools at iteration 0): SFT's own answer accuracy
+      # reads the first reply only, which is a call.
+      config.init_from = "runs/sft_tiny"
+      config.data.update(dict(tiny_task="tools", tiny_task_train_records=400,
+                              tiny_task_eval_records=64, seq_len=256))
+      config.train.update(dict(steps=200, eval_every=100, eval_steps=4))
+      config.optimizer.warmup_steps = 10
   elif arg in ("1b", "llama3_8b"):
     config.model = model_config(arg)
     config.data.source = "files"
@@ -100,5 +120,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.mesh.fsdp = -1
     config.mesh.data = 1
   else:
-    raise ValueError(f"unknown preset {arg!r}: tiny, 1b, llama3_8b")
+    raise ValueError(f"unknown preset {arg!r}: tiny, tiny_tools, 1b, llama3_8b")
   return config

@@ -16,11 +16,30 @@ template's closing token (`stop_ids`).
 Rendering is piecewise: each text is encoded on its own and the pieces are concatenated, so
 a prompt renders to exactly the prefix of the full conversation's tokens, whatever the
 tokenizer does at text boundaries.
+
+Tool calls (multi-turn episodes, data/tools.py, training/rl/episodes.py). The model calls a
+tool by writing a call block in an assistant turn, which then ends as any reply does (its
+closing token); the environment answers with a `tool` turn whose text the template wraps in
+a result block, followed by the next assistant header:
+
+  <|assistant|> <tool>lookup: salt, price</tool> <|end_of_turn|>          (model: loss)
+  <|system|> <result>A sack of salt costs 4 coins.</result> <|end_of_turn|>
+  <|assistant|>                                                            (environment: none)
+  9 sacks of salt cost 36 coins. <|end_of_turn|>                           (model: loss)
+
+The tokenizer's chat symbols are fixed (data/tokenizer.py), so the default template heads a
+tool turn with <|system|> (the result block tells it from a system prompt); chatml names the
+role `tool` (`<|im_start|>tool\n<result>...</result><|im_end|>\n`). A tool turn is never
+supervised. `parse_tool_call` reads a reply's call (`ToolCall`: name and argument text; a
+malformed block is a `ToolCallError`), `tool_result_tokens` gives what the environment
+appends after a call turn, and `render` of the whole conversation equals the prompt, the
+replies and those appended tokens concatenated (tests/data/test_tools.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +47,15 @@ import numpy as np
 from data.conversation import Conversation, Turn
 
 TEMPLATES = ("default", "chatml")
+TOOL_ROLE = "tool"
+CALL_OPEN, CALL_CLOSE = "<tool>", "</tool>"
+RESULT_OPEN, RESULT_CLOSE = "<result>", "</result>"
+# Templates whose symbols have no tool role: the tool turn's header borrows another role's.
+_HEADER_ROLES = {"default": {TOOL_ROLE: "system"}, "chatml": {}}
+# `name: arguments`: a tool name, a colon, the rest of the block. The arguments follow a space
+# so their words are tokenized as in running text (SentencePiece's word-initial pieces: a
+# name is copied from the question with the same tokens).
+_CALL = re.compile(r"\s*([A-Za-z_][A-Za-z_0-9]*)\s*:(.*)", re.S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +77,7 @@ def _symbol(tokenizer, piece: str) -> int:
 
 
 def _header(tokenizer, role: str, template: str) -> list[int]:
+  role = _HEADER_ROLES[template].get(role, role)
   if template == "default":
     return [_symbol(tokenizer, f"<|{role}|>")]
   return [_symbol(tokenizer, "<|im_start|>")] + tokenizer.encode(f"{role}\n")
@@ -88,7 +117,8 @@ def render(tokenizer, conversation: Sequence[Turn], template: str = "default", *
   for i, turn in enumerate(conversation):
     supervised = turn.role == "assistant" and (supervise == "all" or i == last_assistant)
     header = _header(tokenizer, turn.role, template)
-    body = tokenizer.encode(turn.content) + close
+    text = format_tool_result(turn.content) if turn.role == TOOL_ROLE else turn.content
+    body = tokenizer.encode(text) + close
     tokens += header + body + separator
     mask += [0.0] * len(header) + [float(supervised)] * len(body) + [0.0] * len(separator)
   return Rendered(np.asarray(tokens, np.int32), np.asarray(mask, np.float32))
@@ -105,3 +135,58 @@ def render_completion(tokenizer, completion: str, template: str = "default") -> 
   """Token ids of an assistant reply with its closing token (what `render` supervises)."""
   _check(template)
   return tokenizer.encode(completion) + _closing(tokenizer, template)[0]
+
+
+# --- Tool calls (module docstring) ----------------------------------------------------------
+
+class ToolCallError(ValueError):
+  """A reply's call block is malformed (the environment answers with the message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+  name: str        # the tool: `lookup` in `<tool>lookup: salt, price</tool>`
+  arguments: str   # the text after the colon, stripped: `salt, price`
+
+
+def format_tool_call(name: str, arguments: str) -> str:
+  """The call block a model writes: `<tool>name: arguments</tool>`."""
+  return f"{CALL_OPEN}{name}: {arguments}{CALL_CLOSE}"
+
+
+def format_tool_result(text: str) -> str:
+  """The result block of a tool turn: `<result>text</result>`."""
+  return f"{RESULT_OPEN}{text}{RESULT_CLOSE}"
+
+
+def parse_tool_call(reply: str) -> ToolCall | None:
+  """The first call block of `reply`, or None when it has none (a final answer).
+
+  Raises:
+    ToolCallError: a block opened and not closed, closed and not opened, or whose content is
+      not `name: arguments`.
+  """
+  start = reply.find(CALL_OPEN)
+  if start < 0:
+    if CALL_CLOSE in reply:
+      raise ToolCallError(f"{CALL_CLOSE} without {CALL_OPEN}")
+    return None
+  end = reply.find(CALL_CLOSE, start)
+  if end < 0:
+    raise ToolCallError(f"{CALL_OPEN} is never closed by {CALL_CLOSE}")
+  body = reply[start + len(CALL_OPEN):end]
+  match = _CALL.fullmatch(body)
+  if match is None:
+    raise ToolCallError(f"expected name: arguments inside {CALL_OPEN}{CALL_CLOSE}, got "
+                        f"{body!r}")
+  return ToolCall(match[1], match[2].strip())
+
+
+def tool_result_tokens(tokenizer, result: str, template: str = "default") -> list[int]:
+  """What the environment appends after an assistant turn that made a call (the model wrote
+  its closing token): the template's separator (chatml), the tool turn holding `result` in
+  its result block, and the next assistant header. No token of it is supervised."""
+  _check(template)
+  separator = _closing(tokenizer, template)[1]
+  turn = render(tokenizer, (Turn(TOOL_ROLE, result),), template, add_bos=False)
+  return separator + turn.tokens.tolist() + _header(tokenizer, "assistant", template)

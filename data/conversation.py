@@ -5,7 +5,8 @@ and 'assistant':
 
   Alpaca              {instruction, input?, output}            -> user, assistant
   Alpaca multi-turn   {instruction, conversations: [...]}      -> system (instruction), turns
-  ShareGPT            {conversations: [{from, value}, ...]}    -> turns (system optional)
+  ShareGPT            {conversations: [{from, value}, ...]}    -> turns (system optional;
+                      'tool' turns after an assistant's call in tool-use records)
   ShareGPT prefs      assistant candidates with label chosen / rejected -> PreferencePairs
   prompt/chosen/rejected {prompt (text or turns), chosen, rejected, margin?} -> PreferencePair
   Anthropic HH        {chosen, rejected} whole "\\n\\nHuman: ..." dialogues -> PreferencePair
@@ -28,9 +29,13 @@ from data import dialogue_text
 from data.records import InvalidRecord, SkipCounter, iter_jsonl_records, require_text
 
 SFT_FORMATS = ("auto", "alpaca", "sharegpt")  # config.data.format
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# 'tool': a tool's result in a tool-use conversation (data/chat_template.py, data/tools.py).
 _ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
-                 "gpt": "assistant"}
+                 "gpt": "assistant", "tool": "tool"}
+# The roles each turn may follow (None: the first turn after the optional system prompt): a
+# tool turn answers an assistant's call, and the assistant goes on after it.
+_FOLLOWS = {"user": (None, "assistant"), "assistant": ("user", "tool"), "tool": ("assistant",)}
 LABELS = ("chosen", "rejected")
 
 
@@ -112,13 +117,17 @@ def _turn(raw: Any, index: int) -> tuple[str, str, Any]:
 
 
 def _check_alternation(turns: list[Turn]) -> Conversation:
-  """Optional system turn first, then user / assistant alternating, starting with user."""
+  """Optional system turn first, then user / assistant alternating, starting with user; an
+  assistant turn may be followed by a tool turn, which the assistant's next turn follows."""
   body = turns[1:] if turns and turns[0].role == "system" else turns
+  previous = None
   for i, turn in enumerate(body):
-    want = "user" if i % 2 == 0 else "assistant"
-    if turn.role != want:
+    if previous not in _FOLLOWS.get(turn.role, ()):
+      want = {None: "'user'", "user": "'assistant'", "assistant": "'user' or 'tool'",
+              "tool": "'assistant'"}[previous]
       raise InvalidRecord("bad_order", f"turn {i + len(turns) - len(body)} is {turn.role!r}; "
-                          f"expected {want!r} (turns alternate user / assistant)")
+                          f"expected {want} (turns alternate user / assistant)")
+    previous = turn.role
   return tuple(turns)
 
 

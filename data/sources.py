@@ -4,7 +4,7 @@
 
     kind           records (docs/formats.md)   tiny_world                     files        tfds
     texts          str: pretraining, CPT, MLM  tiny_{domain}-*                .jsonl/.txt  yes
-    conversations  Conversation: SFT           tiny_{alpaca,sharegpt}-*       .jsonl       yes
+    conversations  Conversation: SFT           tiny_{alpaca,sharegpt,tools}-* .jsonl       yes
     preferences    PreferencePair: RM, DPO     tiny_[sharegpt_]preferences-*  .jsonl       -
     feedback       Feedback: KTO               tiny_feedback-*                .jsonl       -
     prompts        Prompt: RL, synthesis       tiny_prompts[_unseen]-*        .jsonl       yes
@@ -41,6 +41,7 @@ from data import records
 from data import tfds_builder
 from data import tiny_tasks
 from data import tiny_world
+from data import tool_tasks
 
 SOURCES = ("tiny_world", "files", "tfds")
 KINDS = ("texts", "conversations", "preferences", "feedback", "prompts", "labelled")
@@ -49,7 +50,8 @@ SPLITS = ("train", "eval", "pairs_eval")
 # The sources that serve each kind (tfds: only kinds the stages have read from it so far).
 SERVED_BY = {"texts": SOURCES, "conversations": SOURCES, "preferences": ("tiny_world", "files"),
              "feedback": ("tiny_world", "files"), "prompts": SOURCES, "labelled": SOURCES}
-TINY_SFT_TASKS = ("alpaca", "sharegpt", "mixed")   # config.data.tiny_task for conversations
+# config.data.tiny_task for conversations; 'tools': tool-use demonstrations (data/tool_tasks.py)
+TINY_SFT_TASKS = ("alpaca", "sharegpt", "mixed", "tools")
 TINY_PREFERENCE_TASKS = {"prompt": "preferences", "sharegpt": "sharegpt_preferences"}
 TINY_PROMPT_SETS = ("unseen", "sft")               # config.data.tiny_prompts
 # Kinds the tiny world can generate without writing them to a workdir.
@@ -270,8 +272,16 @@ def _tiny_world_files(data_config: ml_collections.ConfigDict, kind: str, split: 
     if prompt_set == "unseen":
       num = data_config.tiny_task_train_records + data_config.tiny_task_eval_records
       return [tiny_tasks.ensure_unseen_prompts(out_dir, num, seed)[tiny_split]]
-  return [tiny_tasks.ensure_tiny_tasks(out_dir, name, num_train, num_eval, seed)[tiny_split]
+  return [_ensure_tiny_task(out_dir, name, num_train, num_eval, seed)[tiny_split]
           for name, num_train, num_eval in _tiny_task_parts(data_config, kind)]
+
+
+def _ensure_tiny_task(out_dir: str, name: str, num_train: int, num_eval: int, seed: int
+                      ) -> dict:
+  """The files of tiny task `name`: a data/tiny_tasks.py kind, or 'tools'."""
+  if name == "tools":
+    return tool_tasks.ensure_tool_demos(out_dir, num_train, num_eval, seed)
+  return tiny_tasks.ensure_tiny_tasks(out_dir, name, num_train, num_eval, seed)
 
 
 def _tiny_world_in_memory(data_config: ml_collections.ConfigDict, kind: str, split: str,
@@ -285,7 +295,9 @@ def _tiny_world_in_memory(data_config: ml_collections.ConfigDict, kind: str, spl
            else data_config.tiny_world_eval_docs)
     return _tiny_corpus_docs(tiny_split, num, data_config.tiny_world_domain, seed)
   parse = _parser(kind, fmt)
-  return _interleave(*[[parse(r) for r in tiny_tasks.KINDS[name](
+  make_records = lambda name: (tool_tasks.tool_records if name == "tools"
+                                else tiny_tasks.KINDS[name])
+  return _interleave(*[[parse(r) for r in make_records(name)(
       tiny_split, num_train if split == "train" else num_eval, seed)]
                        for name, num_train, num_eval in _tiny_task_parts(data_config, kind)])
 

@@ -71,6 +71,24 @@ width L (the constant level divides by the budget, never by a part's longest ans
 s_i needs the whole answer too, which a row has. So bnpo and dapo are one aggregation here:
 the normaliser is always the whole update's token count, however it is split. Each of
 `rl.minibatches` minibatches is its own optimizer step with its own normaliser.
+
+Packed rows (`segment_ids`; training/rl/packing.py): a row may hold several answers, each its
+own segment. Everything per answer (|o_i|, GSPO's s_i, the count N) is then a sum over the
+answer's segment (objectives/pairs.py `segment_sums`), and the constant level's L is the
+generation `budget` (no longer the arrays' width): the loss and its gradient are those of the
+same answers one per row.
+
+Stale rollouts (`importance_weights`; training/rl/offpolicy.py): when the answers were sampled
+by an older policy mu, not by pi_old, every policy term is multiplied by the truncated,
+stop-gradient importance weight
+
+  w_{i,t} = sg(min(pi_old(o_{i,t}) / mu(o_{i,t}), C))                     (objectives/ppo.py)
+
+(truncated importance sampling, TIS: Ionides, 2008; for LLM RL with a stale or mismatched
+sampler, Yao et al., 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+Training"; the decoupled proximal policy pi_old of Hilton et al., 2022, "Batch size-invariance
+for policy optimization"). The clip still bounds pi / pi_old; w corrects pi_old / mu. The KL
+penalty is not weighted.
 """
 
 from __future__ import annotations
@@ -80,6 +98,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from objectives.pairs import segment_sums
 from objectives.ppo import kl_estimate, policy_loss
 from objectives.reductions import Metric, Metrics, weighted_sum
 
@@ -140,46 +159,74 @@ def leave_one_out_advantages(rewards: jax.Array) -> jax.Array:
   return rewards - others
 
 
-def token_weights(mask: jax.Array, level: str) -> jax.Array:
+def answer_sums(values: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """Per token, the sum of `values` over the token's answer, `[batch, L]` float32.
+
+  Args:
+    values: `[batch, L]`.
+    segment_ids: `[batch, L]` the answer (segment) of each token, 0 on padding (packed rows);
+      None: each row is one answer.
+  """
+  values = jnp.asarray(values, jnp.float32)
+  if segment_ids is None:
+    return jnp.broadcast_to(jnp.sum(values, axis=-1, keepdims=True), values.shape)
+  segment_ids = jnp.asarray(segment_ids)
+  sums = segment_sums(values, segment_ids)
+  index = jnp.maximum(segment_ids - 1, 0).astype(jnp.int32)
+  return jnp.where(segment_ids > 0, jnp.take_along_axis(sums, index, axis=-1), 0.0)
+
+
+def token_weights(mask: jax.Array, level: str, segment_ids: jax.Array | None = None,
+                  budget: float | jax.Array | None = None) -> jax.Array:
   """Per-token weights w of the loss sum (module docstring): `mask` (token), `mask / |o_i|`
-  (sequence: each answer's weights add up to 1, an empty one's to 0) or `mask / L` (constant,
-  L = the width of `mask`).
+  (sequence: each answer's weights add up to 1, an empty one's to 0) or `mask / L` (constant).
 
   Args:
     mask: `[batch, L]` response mask.
     level: one of LEVELS.
+    segment_ids: `[batch, L]` answers of packed rows (`answer_sums`); None: one per row.
+    budget: L of the constant level, a number or an array broadcasting against `mask`;
+      None: the width of `mask`.
   """
   mask = jnp.asarray(mask, jnp.float32)
   if level == "token":
     return mask
   if level == "sequence":
-    return mask / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
+    return mask / jnp.maximum(answer_sums(mask, segment_ids), 1.0)
   if level == "constant":
-    return mask / mask.shape[-1]
+    return mask / (mask.shape[-1] if budget is None else budget)
   raise ValueError(f"unknown loss aggregation level {level!r}; choose one of {LEVELS}")
 
 
-def count_answers(mask: jax.Array) -> jax.Array:
-  """N: the rows of `mask [batch, L]` with at least one response token."""
-  return jnp.sum(jnp.any(jnp.asarray(mask) > 0, axis=-1).astype(jnp.float32))
+def count_answers(mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """N: the answers (rows, or segments of packed rows) of `mask [batch, L]` with at least one
+  response token."""
+  mask = jnp.asarray(mask, jnp.float32)
+  if segment_ids is None:
+    return jnp.sum(jnp.any(mask > 0, axis=-1).astype(jnp.float32))
+  return jnp.sum((segment_sums(mask, jnp.asarray(segment_ids)) > 0).astype(jnp.float32))
 
 
-def aggregate(values: jax.Array, mask: jax.Array, level: str) -> Metric:
+def aggregate(values: jax.Array, mask: jax.Array, level: str,
+              segment_ids: jax.Array | None = None,
+              budget: float | jax.Array | None = None) -> Metric:
   """`(sum_{i,t} w_{i,t} values_{i,t}, W)` of `level` (module docstring): sum / W is the loss.
 
   Args:
     values: `[batch, L]` per-token losses (ignored where `mask` is 0, even if nan).
     mask: `[batch, L]` response mask.
     level: one of LEVELS.
+    segment_ids, budget: packed rows' answers and the constant level's L (`token_weights`).
   """
-  total, weight = weighted_sum(values, token_weights(mask, level))
+  total, weight = weighted_sum(values, token_weights(mask, level, segment_ids, budget))
   if level == "constant":
-    weight = count_answers(mask)
+    weight = count_answers(mask, segment_ids)
   return total, weight
 
 
 def policy_term(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array,
-                mask: jax.Array, *, policy: str, clip_eps_low: float, clip_eps_high: float
+                mask: jax.Array, *, policy: str, clip_eps_low: float, clip_eps_high: float,
+                segment_ids: jax.Array | None = None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The policy loss per token of one of POLICY_TERMS (module docstring).
 
@@ -189,6 +236,7 @@ def policy_term(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.
     mask: `[batch, L]`; masked entries are read as 0, so nan there changes nothing.
     policy: 'clip' | 'sequence' | 'cispo'.
     clip_eps_low, clip_eps_high: the bounds 1 - eps_low, 1 + eps_high (cispo: the upper only).
+    segment_ids: `[batch, L]` answers of packed rows (`answer_sums`); None: one per row.
   Returns:
     (loss, ratio (rho, or s_i on every token of answer i), clipped: 1.0 where the clip
     binds: the gradient through the ratio is cut, or for cispo the weight is capped), each
@@ -202,9 +250,14 @@ def policy_term(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.
     return policy_loss(log_ratio, zeros, advantages, clip_eps=clip_eps_low,
                        clip_eps_high=clip_eps_high)
   if policy == "sequence":
-    lengths = jnp.maximum(jnp.sum(live, axis=-1, keepdims=True), 1).astype(jnp.float32)
-    sequence = jnp.sum(log_ratio, axis=-1, keepdims=True) / lengths
-    return policy_loss(jnp.broadcast_to(sequence, log_ratio.shape), zeros, advantages,
+    if segment_ids is None:
+      lengths = jnp.maximum(jnp.sum(live, axis=-1, keepdims=True), 1).astype(jnp.float32)
+      sequence = jnp.broadcast_to(jnp.sum(log_ratio, axis=-1, keepdims=True) / lengths,
+                                  log_ratio.shape)
+    else:
+      lengths = jnp.maximum(answer_sums(live.astype(jnp.float32), segment_ids), 1.0)
+      sequence = answer_sums(log_ratio, segment_ids) / lengths
+    return policy_loss(sequence, zeros, advantages,
                        clip_eps=clip_eps_low, clip_eps_high=clip_eps_high)
   if policy == "cispo":
     ratio = jnp.exp(log_ratio)
@@ -217,7 +270,9 @@ def policy_term(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.
 def grpo_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array,
               mask: jax.Array, *, clip_eps_low: float, clip_eps_high: float | None = None,
               ref_log_probs: jax.Array | None = None, kl_coef: float = 0.0,
-              loss_type: str = "grpo", level: str | None = None) -> tuple[jax.Array, Metrics]:
+              loss_type: str = "grpo", level: str | None = None,
+              segment_ids: jax.Array | None = None, budget: float | jax.Array | None = None,
+              importance_weights: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
   """A loss of the GRPO family (module docstring).
 
   Args:
@@ -234,6 +289,12 @@ def grpo_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Ar
     kl_coef: beta, the weight of the k3 KL penalty in the loss.
     loss_type: one of LOSS_TYPES.
     level: the aggregation, one of LEVELS; None: the loss type's.
+    segment_ids: `[batch, L]` the answer of each token in packed rows (1, 2, ... per row, 0
+      on padding); None: every row is one answer.
+    budget: the constant level's L, a number or `[batch, 1]`; None: the width L of `mask`.
+    importance_weights: `[batch, L]` truncated weights pi_old / mu of a stale rollout
+      (objectives/ppo.py `truncated_weights`; under stop_gradient), multiplying the policy
+      term; None: 1.
   Returns:
     per_token: `[batch, L]` float32 loss, 0 where masked.
     metrics: `(sum, weight)` pairs: `loss` (aggregated per the level), the token means
@@ -259,7 +320,9 @@ def grpo_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Ar
   high = clip_eps_low if clip_eps_high is None else clip_eps_high
   pg, ratio, clipped = policy_term(log_probs, old_log_probs, advantages, mask,
                                    policy=kind.policy, clip_eps_low=clip_eps_low,
-                                   clip_eps_high=high)
+                                   clip_eps_high=high, segment_ids=segment_ids)
+  if importance_weights is not None:
+    pg = pg * jax.lax.stop_gradient(jnp.asarray(importance_weights, jnp.float32))
   log_probs = jnp.where(live, jnp.asarray(log_probs, jnp.float32), 0.0)
   log_ratio = log_probs - jnp.where(live, jnp.asarray(old_log_probs, jnp.float32), 0.0)
   metrics = {
@@ -274,8 +337,10 @@ def grpo_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Ar
     kl = kl_estimate(log_probs, ref_log_probs, "k3")
     metrics["ref_kl"] = weighted_sum(kl, mask)
     metrics["reply_kl"] = (weighted_sum(log_probs - ref_log_probs, mask)[0],
-                           count_answers(mask))
+                           count_answers(mask, segment_ids))
     if kl_coef > 0:
       loss = loss + kl_coef * kl
-  metrics["loss"] = aggregate(loss, mask, level)
+  if importance_weights is not None:
+    metrics["importance_weight"] = weighted_sum(importance_weights, mask)
+  metrics["loss"] = aggregate(loss, mask, level, segment_ids, budget)
   return jnp.where(live, loss, 0.0), metrics

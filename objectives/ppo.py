@@ -25,6 +25,13 @@ the action is token t. All arrays are `[batch, T]` over response positions with 
   entropy          H_t = -sum_v p_v log p_v of the policy's next-token distribution
   adaptive KL      e = clip(KL / KL_target - 1, -0.2, 0.2),  kl_coef <- kl_coef (1 + e n / H)
                    after each batch of n episodes, horizon H (Ziegler et al., 2019, sec. 2.2)
+  stale rollouts   w_t = sg(min(pi_old(a_t|s_t) / mu(a_t|s_t), C)) multiplies l_t when the
+                   tokens were sampled by an older policy mu (training/rl/offpolicy.py):
+                   truncated importance sampling (TIS; Ionides, 2008; Yao et al., 2025, "Your
+                   Efficient RL Framework Secretly Brings You Off-Policy RL Training") with
+                   pi_old as the decoupled proximal policy the clip is taken against (Hilton et
+                   al., 2022, "Batch size-invariance for policy optimization", eq. 2). The
+                   value loss is not weighted.
 
 `ppo_loss` returns per-token losses and `(sum, weight)` metrics weighted by `token_weights`
 (default: the mask, i.e. the mean over response tokens), so gradient accumulation and
@@ -61,6 +68,27 @@ def kl_estimate(log_probs: jax.Array, ref_log_probs: jax.Array, estimator: str =
     # expm1 keeps precision when r is tiny (k3 ~ r^2 / 2 there).
     return jnp.expm1(-r) + r
   raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+
+
+def truncated_weights(log_probs: jax.Array, behaviour_log_probs: jax.Array, mask: jax.Array,
+                      cap: float) -> tuple[jax.Array, jax.Array]:
+  """TIS weights of a stale rollout (module docstring): min(exp(log pi_old - log mu), C).
+
+  Args:
+    log_probs: `[...]` log pi_old of the sampled tokens (the policy the clip is taken
+      against; on-policy-reuse: the current policy's, taken under stop_gradient).
+    behaviour_log_probs: `[...]` log mu, the log-probs of the policy that sampled them.
+    mask: `[...]`; weights are 0 where it is 0.
+    cap: C >= 1, the truncation.
+  Returns:
+    (weights `[...]` float32 under stop_gradient, truncated `[...]` float 1.0 where the cap
+    binds).
+  """
+  mask = jnp.asarray(mask, jnp.float32)
+  log_ratio = jnp.where(mask > 0, jnp.asarray(log_probs, jnp.float32)
+                        - jnp.asarray(behaviour_log_probs, jnp.float32), 0.0)
+  ratio = jax.lax.stop_gradient(jnp.exp(log_ratio))
+  return jnp.minimum(ratio, cap) * mask, (ratio > cap).astype(jnp.float32) * mask
 
 
 def last_token_mask(mask: jax.Array) -> jax.Array:
@@ -220,7 +248,8 @@ def ppo_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Arr
              old_values: jax.Array | None = None, returns: jax.Array | None = None,
              value_clip: float | None = None, vf_coef: float = 0.0,
              token_entropy: jax.Array | None = None, entropy_coef: float = 0.0,
-             token_weights: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+             token_weights: jax.Array | None = None,
+             importance_weights: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
   """PPO's loss per token: clipped policy loss + vf_coef * value loss - entropy_coef * H.
 
   Args:
@@ -233,6 +262,8 @@ def ppo_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Arr
     entropy_coef: weight of the entropy bonus.
     token_weights: `[batch, T]` weights of the optimised `loss` (default: `mask`: the mean
       over tokens). Other metrics are always token means.
+    importance_weights: `[batch, T]` truncated weights pi_old / mu of a stale rollout
+      (`truncated_weights`; used under stop_gradient), multiplying the policy loss; None: 1.
   Returns:
     per_token: `[batch, T]` float32 loss, 0 where masked.
     metrics: `(sum, weight)` pairs: `loss`, `policy_loss`, `clip_fraction`, `approx_kl`
@@ -241,6 +272,8 @@ def ppo_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Arr
   """
   mask = jnp.asarray(mask, jnp.float32)
   pg, ratio, clipped = policy_loss(log_probs, old_log_probs, advantages, clip_eps=clip_eps)
+  if importance_weights is not None:
+    pg = pg * jax.lax.stop_gradient(jnp.asarray(importance_weights, jnp.float32))
   loss = pg
   log_ratio = jnp.asarray(log_probs, jnp.float32) - jnp.asarray(old_log_probs, jnp.float32)
   metrics = {
@@ -256,6 +289,8 @@ def ppo_loss(log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Arr
     metrics.update(value_loss=weighted_sum(vf, mask),
                    value_clip_fraction=weighted_sum(vclipped, mask),
                    value=weighted_sum(values, mask))
+  if importance_weights is not None:
+    metrics["importance_weight"] = weighted_sum(importance_weights, mask)
   if token_entropy is not None:
     loss = loss - entropy_coef * token_entropy
     metrics["entropy"] = weighted_sum(token_entropy, mask)

@@ -25,6 +25,7 @@ import math
 import jax
 import ml_collections
 
+from data.tools import TOOLSETS
 from models.attention_kernels import kernel_problems
 from parallel.mesh import mesh_shape
 from parallel.rules import MESH_AXES, RULE_PRESETS
@@ -93,6 +94,35 @@ def attention_problems(config: ml_collections.ConfigDict, platform: str) -> list
   return kernel_problems(config.model, causal=causal, platform=platform)
 
 
+def rl_problems(config: ml_collections.ConfigDict, device_count: int | None) -> list[str]:
+  """The off-policy rollout keys: staleness, importance cap, rollout devices
+  (training/rl/offpolicy.py). Their types are the locked ConfigDict's to check."""
+  problems: list[str] = []
+  staleness = _at_least(config, "rl.staleness", 0, problems)
+  _at_least(config, "rl.max_importance_ratio", 1, problems)
+  devices = _at_least(config, "rl.rollout_devices", 0, problems)
+  if isinstance(devices, int) and devices > 0:
+    if _get(config, "rl.tools"):
+      problems.append("config.rl.rollout_devices > 0 with config.rl.tools: tool episodes "
+                      "sample on the training mesh; set rollout_devices=0")
+    if isinstance(staleness, int) and staleness == 0:
+      problems.append("config.rl.rollout_devices > 0 needs config.rl.staleness >= 1: at "
+                      "staleness 0 every rollout waits for the update before it, so the "
+                      "rollout devices would idle while the others train")
+    if device_count is None:
+      device_count, _ = _devices()
+    if devices >= device_count:
+      problems.append(f"config.rl.rollout_devices {devices} leaves none of the "
+                      f"{device_count} devices to train on")
+    elif "mesh" in config:
+      try:
+        mesh_shape(config.mesh, device_count - devices)
+      except ValueError as e:
+        problems.append(f"config.rl.rollout_devices {devices}: the training mesh on the "
+                        f"other {device_count - devices} devices does not fit: {e}")
+  return problems
+
+
 def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None,
                     num_slices: int = 1, platform: str | None = None) -> list[str]:
   """Every unworkable value of `config`, one line each naming its key (empty: none found).
@@ -130,6 +160,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
           prompt_len + new > max_length):
         problems.append(f"config.rl.max_prompt_len {prompt_len} + config.{path} {new} exceeds "
                         f"config.model.max_length {max_length} (learned positions)")
+    if _get(config, "rl.tools"):
+      _tool_problems(config, learned, max_length, problems)
+    problems.extend(rl_problems(config, device_count))
   elif learned and isinstance(seq_len, int) and seq_len > max_length:
     problems.append(f"config.data.seq_len {seq_len} exceeds config.model.max_length "
                     f"{max_length} (learned positions have no row for the later tokens)")
@@ -148,6 +181,26 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                         f"(config.mesh {' x '.join(RULE_PRESETS[config.mesh.rules]['batch'])}, "
                         "times their dcn_ sizes)")
   return problems
+
+
+def _tool_problems(config: ml_collections.ConfigDict, learned: bool, max_length, problems
+                   ) -> None:
+  """Multi-turn tool episodes (`config.rl.tools`, training/rl/episodes.py)."""
+  if config.rl.tools not in TOOLSETS:
+    problems.append(f"config.rl.tools: unknown toolset {config.rl.tools!r}; choose one of "
+                    f"{sorted(TOOLSETS)} ('' = off)")
+  _at_least(config, "rl.max_turns", 1, problems)
+  tokens = _at_least(config, "rl.max_episode_tokens", 1, problems)
+  if _get(config, "reward.overlong_buffer"):
+    problems.append("config.reward.overlong_buffer shapes single replies; it cannot be used "
+                    "with config.rl.tools (episodes are capped by config.rl.max_episode_tokens)")
+  # Each turn re-reads prompt + episode and samples up to max_new_tokens more.
+  longest = max(_get(config, "rl.max_new_tokens") or 0, _get(config, "eval.max_new_tokens") or 0)
+  total = config.rl.max_prompt_len + (tokens or 0) + longest - 1
+  if learned and total > max_length:
+    problems.append(f"config.rl.max_prompt_len + config.rl.max_episode_tokens + the longest "
+                    f"reply - 1 = {total} exceeds config.model.max_length {max_length} "
+                    "(learned positions)")
 
 
 def check_config(config: ml_collections.ConfigDict, device_count: int | None = None,

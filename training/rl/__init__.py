@@ -4,6 +4,8 @@
                    checkpoints, resume, metrics and held-out evaluation
     rollout.py     sampling (models/sampler.py), scores, log-probs and values of prompts
                    (data/prompts.py)
+    episodes.py    multi-turn episodes with tools (config.rl.tools): the model's calls run by
+                   data/tools.py, results fed back and masked out of the loss
     rewards.py     scores: the text reward function named in the config (data/verifiers.py)
                    and / or the reward-model scorer, minus the missing-stop penalty
     policy.py      ActorCritic: the decoder policy with an optional value head / critic
@@ -13,4 +15,7 @@
     ppo.py, grpo.py, online_dpo.py   the algorithms (losses in objectives/ppo.py, grpo.py,
                    dpo.py)
     evaluation.py  greedy held-out evaluation: score, answer accuracy, KL to the reference
+    packing.py     packed updates: a minibatch's episodes in rows with segment ids
+    offpolicy.py   off-policy rollouts: sampled k iterations stale on devices of their own,
+                   overlapped with the updates, truncated importance weights
 """

@@ -33,6 +33,7 @@ import numpy as np
 
 from objectives import grpo as grpo_lib
 from training.rl.algorithm import Algorithm
+from training.rl.packing import is_packed
 from training.rl.policy import policy_outputs
 from training.rl.rollout import informative_groups
 
@@ -40,14 +41,20 @@ from training.rl.rollout import informative_groups
 def grpo_forward(model, batch, rng, cfg: ml_collections.ConfigDict, frozen):
   """The GRPO-family loss of a minibatch of reply rows (arrays of `make_batch`)."""
   del rng, frozen
-  log_probs, _, _ = policy_outputs(model, batch, batch["mask"].shape[1])
+  width = batch["mask"].shape[1]
+  log_probs, _, _ = policy_outputs(model, batch, width)
   old_log_probs = batch.get("old_log_probs")
   if old_log_probs is None:  # on-policy: pi_old is this very pass
     old_log_probs = jax.lax.stop_gradient(log_probs)
+  # Packed rows (training/rl/packing.py): answers are the targets' segments.
+  packed = is_packed(batch)
   return grpo_lib.grpo_loss(log_probs, old_log_probs, batch["advantages"], batch["mask"],
                             clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
                             ref_log_probs=batch["ref_log_probs"], kl_coef=cfg.kl_coef,
-                            loss_type=cfg.loss_type, level=cfg.loss_level or None)
+                            loss_type=cfg.loss_type, level=cfg.loss_level or None,
+                            segment_ids=batch["segment_ids"][:, -width:] if packed else None,
+                            budget=batch["budget"] if packed else None,
+                            importance_weights=batch.get("importance_weights"))
 
 
 def sequence_advantages(scores: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:

@@ -20,6 +20,17 @@ stop_gradient as log pi_old (GRPO, RLOO: `Algorithm.reuses_log_probs`), the roll
 policy's pass: the loss and gradient are exactly those with it (ratio 1, gradient
 grad rho = grad log pi), and `train/kl` comes from the loss's `reply_kl`.
 
+Packed updates (`rl.pack_updates`, training/rl/packing.py): each minibatch's episodes are
+packed into rows with segment ids instead of one padded row each; `train/pack_efficiency`
+is the share of the update's row slots holding tokens, packed or not. The first
+minibatch's ratio is then 1 up to float rounding (the scoring pass runs on unpacked rows).
+
+Off-policy rollouts (`rl.staleness` k, `rl.rollout_devices`, training/rl/offpolicy.py):
+iteration t trains on a rollout sampled with the weights of iteration max(t - k, 0), sampled
+(on devices of its own) while earlier updates ran, with truncated importance weights
+pi_old / mu (`rl.max_importance_ratio`) on the policy loss. The checkpoint then also holds
+the weights of the rollouts in flight, which a resumed run regenerates.
+
 Sections below: start-up; prompts; models (`RLTrainer`: the trained ActorCritic built by
 training/setup.py, the frozen reference and reward model loaded by training/runs.py) and state
 (fresh from `config.init_from`, or resumed); the loop: training/outer_loop.py's, shared with
@@ -54,6 +65,8 @@ from training.outer_loop import (OuterLoop, StepResult, open_checkpointer, open_
 from training.rl import rewards
 from training.rl.algorithms import get_algorithm
 from training.rl.evaluation import Evaluator
+from training.rl.offpolicy import StaleRollouts, importance_arrays, split_devices
+from training.rl.packing import pack_episodes
 from training.rl.policy import InitSources, build_actor_critic_spec, restore_initial_params
 from training.rl.rollout import (RolloutEngine, chunk_indices, draw_groups, prompt_batch,
                                  repeat_items, rollout_metrics)
@@ -106,11 +119,15 @@ class RLTrainer:
   benchmark, which builds one on random params)."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, tokenizer, train_items,
-               eval_items=None, reward_model=None, old_log_probs_forward: bool | None = None):
+               eval_items=None, reward_model=None, old_log_probs_forward: bool | None = None,
+               stale_rollouts: bool | None = None):
     """`reward_model` (a rewards.RewardModelScorer) overrides `config.reward.model`.
     `old_log_probs_forward`: run the policy's forward pass for log pi_old even where the
     update is on-policy and the loss could skip it (True; tests and the benchmark compare
-    the two) or not (False: an error where it is needed); None decides (module docstring)."""
+    the two) or not (False: an error where it is needed); None decides (module docstring).
+    `stale_rollouts`: draw through training/rl/offpolicy.py's StaleRollouts even at
+    `rl.staleness` 0 on one mesh (True; a test compares it with the synchronous draw); None:
+    where `rl.staleness` or `rl.rollout_devices` asks for it."""
     if lora_enabled(config):
       raise ValueError("config.lora.enabled: the RL stages train full policies (LoRA "
                        "adapters are not wired into the rollout's sampler)")
@@ -118,16 +135,21 @@ class RLTrainer:
     self.algorithm = get_algorithm(config.objective.name)
     self.train_items = train_items
     rl = config.rl
-    skippable = self.algorithm.reuses_log_probs and rl.epochs * rl.minibatches == 1
+    # Stale rollouts weigh tokens by pi_old / mu: pi_old's pass is needed.
+    skippable = (self.algorithm.reuses_log_probs and rl.epochs * rl.minibatches == 1
+                 and rl.staleness == 0)
     if old_log_probs_forward is False and not skippable:
       raise ValueError(f"{self.algorithm.name} with {rl.epochs} epoch(s) x {rl.minibatches} "
-                       "minibatch(es) needs pi_old's forward pass")
+                       f"minibatch(es) and staleness {rl.staleness} needs pi_old's forward "
+                       "pass")
     self.old_log_probs_forward = (not skippable if old_log_probs_forward is None
                                   else old_log_probs_forward)
     spec = build_actor_critic_spec(config.model, self.algorithm.value_source(config))
     stage = Stage(name=self.algorithm.name, loss_fn=self.algorithm.loss_fn, make_dataset=None)
+    # Off-policy rollouts on devices of their own: the training mesh has the others.
+    train_devices, rollout_mesh = split_devices(config)
     # The schedule counts optimizer updates: rl.epochs x rl.minibatches per iteration.
-    self.setup = build_setup(config, stage, spec=spec,
+    self.setup = build_setup(config, stage, spec=spec, devices=train_devices,
                              total_updates=config.train.steps * rl.epochs * rl.minibatches)
     self.mesh, self.rules, self.spec = self.setup.mesh, self.setup.rules, spec
     _check_batch_sizes(config, self.algorithm.units, batch_shards(self.mesh, self.rules))
@@ -166,6 +188,21 @@ class RLTrainer:
                                  sampling=dict(temperature=rl.temperature, top_k=rl.top_k,
                                                top_p=rl.top_p))
     self.train_step = self.setup.train_step()
+    self.rollouts = None
+    if stale_rollouts or (stale_rollouts is None and (rl.staleness or rollout_mesh)):
+      ways = batch_shards(rollout_mesh or self.mesh, self.rules)
+      if (rl.prompts_per_iteration * rl.samples_per_prompt) % ways:
+        raise ValueError(f"config.rl.rollout_devices {rl.rollout_devices}: the "
+                         f"{rl.prompts_per_iteration * rl.samples_per_prompt} rollout rows "
+                         f"do not split over the {ways} ways of the rollout mesh")
+      self.rollouts = StaleRollouts(config, self.engine, spec, self.rules, rollout_mesh,
+                                    draw_iteration=self.draw, first_round=self.first_round)
+    if rl.pack_updates and self.algorithm.units != "rows":
+      raise ValueError(f"config.rl.pack_updates: {self.algorithm.name} updates on preference "
+                       "pairs, not reply rows; packing is for PPO, GRPO and RLOO")
+    # Packed minibatches keep whole micro-batches on every way the batch splits.
+    self.pack_multiple = (batch_shards(self.mesh, self.rules)
+                          * max(config.train.grad_accum_steps, 1))
 
   def fresh_state(self):
     """A new train state with the policy from `init_from` (and the critic from
@@ -177,6 +214,30 @@ class RLTrainer:
                                     InitSources(config.init_from, critic))
     return dict(state, params=params)
 
+  def first_round(self, iteration: int) -> tuple[list, jax.Array]:
+    """Iteration `iteration`'s sampling key and round-0 prompts, each repeated G times."""
+    config = self.config
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
+    return self._round_items(iteration, 0), rng
+
+  def _round_items(self, iteration: int, r: int) -> list:
+    rl = self.config.rl
+    return repeat_items(prompt_batch(self.train_items, iteration, rl.prompts_per_iteration,
+                                     self.config.seed, stream=r), rl.samples_per_prompt)
+
+  def draw(self, drawer, params, iteration: int):
+    """Iteration `iteration`'s rollout (not yet completed), sampled by `drawer` (the engine,
+    or offpolicy.py's rollout devices) with `params`: (rollout, seconds, figures)."""
+    rl = self.config.rl
+    items, rng = self.first_round(iteration)
+    if rl.dynamic_sampling:
+      round_items = lambda r: items if r == 0 else self._round_items(iteration, r)
+      return draw_groups(drawer, params, round_items, rng, groups=rl.prompts_per_iteration,
+                         g=rl.samples_per_prompt,
+                         max_extra_rounds=rl.dynamic_sampling_max_rounds)
+    rollout, times = drawer.draw(params, items, rng)
+    return rollout, times, {}
+
   def iteration(self, state, iteration: int, kl_coef: float):
     """One sample -> score -> update iteration; returns (state, figures, next kl_coef)."""
     config, rl = self.config, self.config.rl
@@ -187,34 +248,43 @@ class RLTrainer:
     # Rows are scored in the first epoch's minibatches, so its first update recomputes the
     # very same log-probs (ratio 1); pairs need no such care.
     chunks = plan[0] if self.algorithm.units == "rows" else chunk_indices(rows, rl.minibatches)
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
-    round_items = lambda r: repeat_items(prompt_batch(self.train_items, iteration, prompts,
-                                                      config.seed, stream=r), g)
     params = state["params"]
-    if rl.dynamic_sampling:
-      rollout, times, figures = draw_groups(self.engine, params, round_items, rng,
-                                            groups=prompts, g=g,
-                                            max_extra_rounds=rl.dynamic_sampling_max_rounds)
-    else:
-      (rollout, times), figures = self.engine.draw(params, round_items(0), rng), {}
+    if self.rollouts is None:
+      rollout, times, figures = self.draw(self.engine, params, iteration)
+      figures["staleness"] = 0.0
+    else:  # dispatches later iterations' rollouts with these params (offpolicy.py)
+      rollout, times, figures = self.rollouts.next(iteration, params)
     start = time.perf_counter()
     rollout = self.engine.complete(params, rollout, chunks, policy=self.old_log_probs_forward)
     times["score_s"] += time.perf_counter() - start
     arrays, batch_figures = self.algorithm.make_batch(rollout, config, kl_coef)
     figures.update(batch_figures)
+    if rollout.behaviour_log_probs is not None and self.algorithm.units == "rows":
+      weights, weight_figures = importance_arrays(rollout, rl.max_importance_ratio)
+      arrays.update(weights)
+      figures.update(weight_figures)
     figures.update(rollout_metrics(rollout))
 
     start = time.perf_counter()
     total, first = None, None
+    real, slots, updates = 0, 0, 0
     for epoch in plan:
       for index in epoch:
-        batch = to_global({k: v[index] for k, v in arrays.items()}, self.mesh, self.rules)
+        part = (pack_episodes(arrays, index, multiple=self.pack_multiple) if rl.pack_updates
+                else {k: v[index] for k, v in arrays.items()})
+        if self.algorithm.units == "rows":
+          real += int((part["segment_ids"] > 0).sum())
+          slots, updates = slots + part["tokens"].size, updates + 1
+        batch = to_global(part, self.mesh, self.rules)
         state, metrics = self.train_step(state, batch)
         first = metrics if first is None else first
         total = metrics if total is None else add_metrics(total, metrics)
     jax.block_until_ready(state["params"])
     times["update_s"] = time.perf_counter() - start
     figures.update({k: float(v) for k, v in finalize_metrics(total).items()})
+    if updates:  # reply rows: the share of their slots that hold tokens (packing.py)
+      figures["pack_efficiency"] = real / slots
+      figures["update_rows"] = slots / updates / arrays["tokens"].shape[1]
     if rollout.log_probs is None:
       # No policy pass in the rollout: the one (on-policy) update's loss measured the KL.
       figures["kl"] = figures["reply_kl"]
@@ -281,17 +351,26 @@ def _train_rl_locked(config: ml_collections.ConfigDict, workdir: str, stop_after
 
   # --- State: resumed, or fresh from init_from --------------------------------------------
   checkpointer = open_checkpointer(config, workdir)
+  stale = trainer.rollouts
+  in_flight = None
   if checkpointer.latest_step() is not None:
     abstract_rl = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                               sharding=a.sharding),
                                _rl_state(0, 0.0, trainer.mesh))
-    restored, _ = checkpointer.restore(None, {**trainer.setup.abstract_state, "rl": abstract_rl})
+    abstract = {**trainer.setup.abstract_state, "rl": abstract_rl}
+    if stale is not None and stale.in_flight_count(checkpointer.latest_step()):
+      # The weights that sample the rollouts in flight (training/rl/offpolicy.py).
+      abstract["in_flight"] = stale.abstract_in_flight(checkpointer.latest_step())
+    restored, _ = checkpointer.restore(None, abstract)
+    in_flight = restored.pop("in_flight", None)
     rl_state = restored.pop("rl")
     state, iteration = restored, int(rl_state["iteration"])
     kl_coef = float(rl_state["kl_coef"])
     logging.info("resumed from iteration %d", iteration)
   else:
     state, iteration, kl_coef = trainer.fresh_state(), 0, initial_kl_coef(config)
+  if stale is not None:  # regenerated from their weights, not saved (offpolicy.py)
+    stale.reset(iteration, in_flight)
   writer = open_writer(config, workdir, iteration, "decoder")
 
   # --- Loop (training/outer_loop.py) --------------------------------------------------------
@@ -304,8 +383,10 @@ def _train_rl_locked(config: ml_collections.ConfigDict, workdir: str, stop_after
 
   def save(iteration, carry, force):
     state, kl_coef = carry
-    checkpointer.save(iteration, {**state, "rl": _rl_state(iteration, kl_coef, trainer.mesh)},
-                      force=force)
+    tree = {**state, "rl": _rl_state(iteration, kl_coef, trainer.mesh)}
+    if stale is not None and stale.in_flight_count(iteration):
+      tree["in_flight"] = stale.in_flight_params(iteration)
+    checkpointer.save(iteration, tree, force=force)
 
   evaluate = None
   if trainer.evaluator is not None:

@@ -32,14 +32,17 @@ from training.rl.policy import policy_outputs
 
 
 def ppo_forward(model, batch, rng, cfg: ml_collections.ConfigDict, frozen):
-  """PPO loss of a minibatch of reply rows (arrays of `make_batch`)."""
+  """PPO loss of a minibatch of reply rows (arrays of `make_batch`), unpacked or packed
+  (training/rl/packing.py: the per-token arrays then span every target position, and the
+  token-mean loss needs nothing else)."""
   del rng, frozen
   log_probs, logits, values = policy_outputs(model, batch, batch["mask"].shape[1])
   return ppo_lib.ppo_loss(log_probs, batch["old_log_probs"], batch["advantages"], batch["mask"],
                           clip_eps=cfg.clip_eps, values=values, old_values=batch["old_values"],
                           returns=batch["returns"], value_clip=cfg.value_clip,
                           vf_coef=cfg.vf_coef, token_entropy=ppo_lib.entropy(logits),
-                          entropy_coef=cfg.entropy_coef)
+                          entropy_coef=cfg.entropy_coef,
+                          importance_weights=batch.get("importance_weights"))
 
 
 @functools.partial(jax.jit, static_argnames=("estimator", "gamma", "lam", "whiten"))

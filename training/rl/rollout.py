@@ -55,6 +55,7 @@ from models import sampler
 from parallel.host_data import to_global, to_host
 from parallel.rules import use_mesh_rules
 from training.rl import rewards
+from training.rl.episodes import EpisodeSampler
 from training.rl.policy import policy_outputs, response_log_probs
 
 
@@ -97,6 +98,17 @@ def build_rows(prompt_tokens: np.ndarray, prompt_lengths: np.ndarray, response: 
 # --- Rollouts -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
+class PendingSample:
+  """A sampler call in flight (`RolloutEngine.start_sample`): its prompts and the sampler's
+  device outputs, or (tool episodes, sampled on the host) the finished result."""
+  items: Sequence[PromptItem]
+  prompt_tokens: np.ndarray | None = None
+  prompt_lengths: np.ndarray | None = None
+  out: dict[str, jax.Array] | None = None
+  done: tuple | None = None
+
+
+@dataclasses.dataclass
 class Rollout:
   """B sampled episodes, rows grouped by prompt (its G samples consecutive); numpy arrays.
   The model outputs and answer checks are None / empty until `RolloutEngine.complete`."""
@@ -112,6 +124,8 @@ class Rollout:
   values: np.ndarray | None = None         # [B, T] V_t (PPO) or None
   answers_correct: list[bool] = dataclasses.field(default_factory=list)
   # per row whose prompt has an answer: the reply states it
+  behaviour_log_probs: np.ndarray | None = None  # [B, T] log mu: a stale rollout's sampling
+                                                 # policy (training/rl/offpolicy.py), else None
 
   def batch_rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
     """The forward-pass fields of rows `index` (what every RL loss reads)."""
@@ -173,6 +187,8 @@ class RolloutEngine:
     # the evaluation, which uses this engine.
     self.answer_check = answer_check
     self.stops = chat_template.stop_ids(tokenizer, config.data.chat_template)
+    # With config.rl.tools every reply is a multi-turn episode (training/rl/episodes.py).
+    self.episodes = EpisodeSampler.from_config(config, tokenizer, self.stops, mesh, rules)
     rl = config.rl
     self._sample = self.make_sampler(rl.max_new_tokens, temperature=rl.temperature,
                                      top_k=rl.top_k, top_p=rl.top_p)
@@ -194,21 +210,52 @@ class RolloutEngine:
     self._forward = {policy: jax.jit(functools.partial(forward, policy=policy),
                                      out_shardings=replicated) for policy in (True, False)}
 
-  def make_sampler(self, max_new_tokens: int, **settings):
+  @property
+  def rollout_sampler(self):
+    """The sampler of the rollouts (`config.rl` settings) on this run's mesh."""
+    return self._sample
+
+  def make_sampler(self, max_new_tokens: int, *, mesh=None, **settings):
+    """A sampler of this run on its mesh, or on `mesh` (off-policy rollout devices)."""
     return sampler.make_sampler(self.spec, max_new_tokens=max_new_tokens,
                                 eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                                stop_ids=self.stops, mesh=self.mesh, rules=self.rules,
+                                stop_ids=self.stops, mesh=mesh or self.mesh, rules=self.rules,
                                 **settings)
 
   def sample(self, sample_fn, params, items: Sequence[PromptItem], rng: jax.Array
              ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str] | None, np.ndarray]:
     """(rows, mask `[B, T]`, replies (None when no reward function or answer needs their
-    text), stopped `[B]`) of one sampler call."""
+    text), stopped `[B]`) of one sampler call; with tools, of one episode per item
+    (training/rl/episodes.py: the reply region holds the model's and the tools' tokens, the
+    mask only the model's)."""
+    return self.collect_sample(self.start_sample(sample_fn, params, items, rng))
+
+  def start_sample(self, sample_fn, params, items: Sequence[PromptItem], rng: jax.Array, *,
+                   mesh=None) -> PendingSample:
+    """Dispatches `sample`'s sampler call on this run's mesh or `mesh` (where `params` and
+    `sample_fn` live) and returns without waiting for the devices (JAX dispatch is
+    asynchronous); `collect_sample` waits. Tool episodes run turn by turn on the host, so
+    they are sampled here, before returning."""
+    if self.episodes is not None:
+      out = self.episodes.sample(sample_fn, params, items, rng, mesh=mesh)
+      return PendingSample(items, done=(
+          build_rows(out.prompt_tokens, out.prompt_lengths, out.tokens, out.present),
+          out.loss_mask, out.replies, out.stopped))
     prompt_tokens, prompt_lengths = sampler.left_pad([it.tokens for it in items],
                                                      self.config.rl.max_prompt_len,
                                                      self.tokenizer.pad_id)
-    device = to_global({"t": prompt_tokens, "l": prompt_lengths}, self.mesh, self.rules)
-    out = sample_fn(params, device["t"], device["l"], rng)
+    device = to_global({"t": prompt_tokens, "l": prompt_lengths}, mesh or self.mesh,
+                       self.rules)
+    return PendingSample(items, prompt_tokens, prompt_lengths,
+                         sample_fn(params, device["t"], device["l"], rng))
+
+  def collect_sample(self, pending: PendingSample
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str] | None, np.ndarray]:
+    """`sample`'s result of a `start_sample` call (waits for its devices)."""
+    if pending.done is not None:
+      return pending.done
+    items, prompt_tokens, prompt_lengths, out = (pending.items, pending.prompt_tokens,
+                                                 pending.prompt_lengths, pending.out)
     tokens, mask = to_host(out["tokens"]), to_host(out["mask"]).astype(np.float32)
     lengths = mask.sum(-1).astype(np.int32)
     last = tokens[np.arange(len(items)), np.maximum(lengths - 1, 0)]
@@ -257,7 +304,16 @@ class RolloutEngine:
     """Sampled and scored replies to `items` (already repeated G times; not yet completed)
     and the seconds it took, `generate_s` and `score_s`."""
     start = time.perf_counter()
-    rows, mask, replies, stopped = self.sample(self._sample, params, items, rng)
+    return self.finish_draw(self.start_sample(self._sample, params, items, rng), start)
+
+  def finish_draw(self, pending: PendingSample, start: float | None = None
+                  ) -> tuple[Rollout, dict[str, float]]:
+    """`draw`'s result of a `start_sample` call, scored on this run's mesh; `generate_s`
+    counts from `start` (default: now, the wait for samples dispatched earlier: the part of
+    their generation not overlapped with other work)."""
+    start = time.perf_counter() if start is None else start
+    items = pending.items
+    rows, mask, replies, stopped = self.collect_sample(pending)
     generated = time.perf_counter()
     prompts = [it.prompt for it in items]
     scores = self.score(rows, replies, stopped, prompts) + rewards.overlong_penalties(
