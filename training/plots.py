@@ -172,13 +172,16 @@ def plot_before_after(rows: Sequence[tuple[str, float, float]], ylabel: str):
 def plot_xy(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str,
             ylabel: str, title: str, fitted: Mapping[str, tuple[Sequence[float],
                                                                  Sequence[float]]] = (),
-            logx: bool = False, logy: bool = False):
-  """Measured points (markers) per named series, and fitted curves (lines) per name."""
+            logx: bool = False, logy: bool = False, colors: Mapping[str, str] = ()):
+  """Measured points (markers) per named series, and fitted curves (lines) per name;
+  `colors` fixes the colour of the series and curves it names (e.g. a method's points and
+  its frontier alike)."""
+  colors = dict(colors)
   fig, ax = plt.subplots(figsize=(6.0, 4.0))
   for name, (x, y) in series.items():
-    ax.plot(x, y, marker="o", linestyle="none", label=name)
+    ax.plot(x, y, marker="o", linestyle="none", label=name, color=colors.get(name))
   for name, (x, y) in dict(fitted).items():
-    ax.plot(x, y, linestyle="--", label=name)
+    ax.plot(x, y, linestyle="--", label=name, color=colors.get(name))
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title)
