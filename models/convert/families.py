@@ -18,7 +18,7 @@ HF's Llama code uses, so q / k weights map as they are.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import ml_collections
 
@@ -351,14 +351,6 @@ FAMILIES: dict[str, Family] = {
                    _bert_ignored, prefix="bert.", kind="encoder", canonical=_bert_canonical,
                    heads=("cls.", "classifier.")),
 }
-
-def family_for_hf(hf_config: dict[str, Any]) -> Family:
-  model_type = hf_config.get("model_type")
-  if model_type not in FAMILIES:
-    raise ValueError(f"HF model_type {model_type!r} is not supported; choose one of "
-                     f"{sorted(FAMILIES)}")
-  return FAMILIES[model_type]
-
 
 def infer_family(cfg: ml_collections.ConfigDict, kind: str = "decoder") -> Family:
   """The HF family that represents `config.model` of our model `kind` (Mistral only when asked

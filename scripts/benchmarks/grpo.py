@@ -26,19 +26,11 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 import models  # noqa: F401  (sets flax's variable-sharding mode before any module is built)
 from configs import grpo as grpo_config
-from data.conversation import Prompt, Turn
-from data.prompts import PromptItem
 from models.build import count_params
-from parallel.mesh import make_mesh
-from parallel.rules import get_rules
-from scripts.benchmarks.ppo import ppo_flops
-from training.programs import StopIdsOnly
-from training.rl.loop import RLTrainer, initial_kl_coef
-from training.rl.rewards import RewardModelScorer
+from scripts.benchmarks.ppo import ppo_flops, run_rl_iterations
 
 
 def grpo_flops(config: ml_collections.ConfigDict, old_log_probs_forward: bool
@@ -92,23 +84,9 @@ def benchmark_grpo(config: ml_collections.ConfigDict | None = None, *, prompts: 
   config.rl.update(dict(prompts_per_iteration=prompts, samples_per_prompt=samples,
                         max_prompt_len=prompt_len, max_new_tokens=new_tokens))
   config.train.update(dict(steps=warmup + repeats, eval_every=0))
-  rng = np.random.default_rng(seed)
-  # Ids from 4 up: 0-3 are the tokenizers' special symbols (pad, unk, BOS, EOS).
-  items = [PromptItem(Prompt((Turn("user", f"random prompt {i}"),)),
-                      tuple(int(t) for t in rng.integers(4, config.model.vocab_size,
-                                                         prompt_len)))
-           for i in range(prompts * (warmup + repeats))]
-  reward_model = RewardModelScorer.random(config.model, make_mesh(config.mesh),
-                                          get_rules(config.mesh.rules))
-  trainer = RLTrainer(config, tokenizer=StopIdsOnly(), train_items=items,
-                      reward_model=reward_model,
-                      old_log_probs_forward=True if old_log_probs_forward else None)
-  state = jax.block_until_ready(trainer.fresh_state())
-  kl_coef = initial_kl_coef(config)
-  records = []
-  for i in range(warmup + repeats):
-    state, record, kl_coef = trainer.iteration(state, i, kl_coef)
-    records.append(record)
+  trainer, records = run_rl_iterations(
+      config, prompts=prompts, prompt_len=prompt_len, iterations=warmup + repeats, seed=seed,
+      old_log_probs_forward=True if old_log_probs_forward else None)
   timed = records[warmup:]
   median = lambda key: statistics.median(r[f"perf/{key}"] for r in timed)
   mean = lambda key: statistics.fmean(r[f"perf/{key}"] for r in timed)

@@ -66,6 +66,32 @@ def ppo_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
               update=rl.epochs * 3 * policy)
 
 
+def run_rl_iterations(config: ml_collections.ConfigDict, *, prompts: int, prompt_len: int,
+                      iterations: int, seed: int, **trainer_kwargs
+                      ) -> tuple[RLTrainer, list[dict[str, Any]]]:
+  """The trainer and each iteration's record of an `RLTrainer` of `config` run `iterations`
+  times on random
+  prompts (`prompts` per iteration of `prompt_len` ids) and a random reward model: the real
+  rollout, scoring and update, with no tokenizer, data files or checkpoint."""
+  rng = np.random.default_rng(seed)
+  # Ids from 4 up: 0-3 are the tokenizers' special symbols (pad, unk, BOS, EOS).
+  items = [PromptItem(Prompt((Turn("user", f"random prompt {i}"),)),
+                      tuple(int(t) for t in rng.integers(4, config.model.vocab_size,
+                                                         prompt_len)))
+           for i in range(prompts * iterations)]
+  reward_model = RewardModelScorer.random(config.model, make_mesh(config.mesh),
+                                          get_rules(config.mesh.rules))
+  trainer = RLTrainer(config, tokenizer=StopIdsOnly(), train_items=items,
+                      reward_model=reward_model, **trainer_kwargs)
+  state = jax.block_until_ready(trainer.fresh_state())
+  kl_coef = initial_kl_coef(config)
+  records = []
+  for i in range(iterations):
+    state, record, kl_coef = trainer.iteration(state, i, kl_coef)
+    records.append(record)
+  return trainer, records
+
+
 def benchmark_ppo(config: ml_collections.ConfigDict | None = None, *, prompts: int = 16,
                   new_tokens: int = 64, prompt_len: int = 64, repeats: int = 3,
                   warmup: int = 1, seed: int = 0) -> dict[str, Any]:
@@ -101,22 +127,8 @@ def benchmark_ppo(config: ml_collections.ConfigDict | None = None, *, prompts: i
   config.rl.update(dict(prompts_per_iteration=prompts, samples_per_prompt=1,
                         max_prompt_len=prompt_len, max_new_tokens=new_tokens, epochs=1))
   config.train.update(dict(steps=warmup + repeats, eval_every=0))
-  rng = np.random.default_rng(seed)
-  # Ids from 4 up: 0-3 are the tokenizers' special symbols (pad, unk, BOS, EOS).
-  items = [PromptItem(Prompt((Turn("user", f"random prompt {i}"),)),
-                      tuple(int(t) for t in rng.integers(4, config.model.vocab_size,
-                                                         prompt_len)))
-           for i in range(prompts * (warmup + repeats))]
-  reward_model = RewardModelScorer.random(config.model, make_mesh(config.mesh),
-                                          get_rules(config.mesh.rules))
-  trainer = RLTrainer(config, tokenizer=StopIdsOnly(), train_items=items,
-                      reward_model=reward_model)
-  state = jax.block_until_ready(trainer.fresh_state())
-  kl_coef = initial_kl_coef(config)
-  records = []
-  for i in range(warmup + repeats):
-    state, record, kl_coef = trainer.iteration(state, i, kl_coef)
-    records.append(record)
+  trainer, records = run_rl_iterations(config, prompts=prompts, prompt_len=prompt_len,
+                                       iterations=warmup + repeats, seed=seed)
   timed = records[warmup:]
   median = lambda key: statistics.median(r[f"perf/{key}"] for r in timed)
   mean = lambda key: statistics.fmean(r[f"perf/{key}"] for r in timed)
