@@ -9,10 +9,13 @@ is the same for every row.
     segment_ids   [batch, cache_len]   0 = empty slot or prompt padding (never attended)
     index         []                   slot of the next token written
 
-Head-major layout: a decode step's attention is then one batched matrix-vector product per
-(row, kv head) over contiguous memory; with the `[batch, length, heads, ...]` layout of
-training, XLA:CPU transposes the whole cache first and decoding is several times slower
-(README, "Benchmarks").
+Head-major layout: a decode step's attention then reads each (row, kv head)'s slots as
+contiguous memory; with the `[batch, length, heads, ...]` layout of training, XLA:CPU
+transposes the whole cache first and decoding is several times slower (README, "Benchmarks").
+A decode step (one new token per row) scores the cache by multiply-and-sum rather than as a
+matrix product: XLA fuses it into one pass over the cache, where a GEMM of one row pads the
+cache to its tile every step (seen on GPU). The softmax over cached slots and new tokens is
+taken in two parts, so the scores are never concatenated.
 
 A step: each layer attends from the new tokens to its cached slots plus the new tokens
 themselves (`attend`) and hands back their keys / values; after the last layer `append`
@@ -97,7 +100,15 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
   kh = k_new.shape[2]
   q = q.reshape(b, n, kh, h // kh, d)
   f32 = jnp.float32
-  old = jnp.einsum("bnkgd,bksd->bkgns", q, layer.k, preferred_element_type=f32) * scale
+  if n == 1:
+    # Decode: one query per row. Multiply-and-sum lets XLA read the cache in one fused pass;
+    # as a dot_general the one-row product is padded to the GEMM's tile and split over
+    # several kernels (GPU: pads of the whole cache every step).
+    old = jnp.sum(q[:, 0, :, :, None, :].astype(f32) * layer.k[:, :, None].astype(f32),
+                  axis=-1)[:, :, :, None]
+  else:
+    old = jnp.einsum("bnkgd,bksd->bkgns", q, layer.k, preferred_element_type=f32)
+  old = old * scale
   new = jnp.einsum("bnkgd,bmkd->bkgnm", q, k_new, preferred_element_type=f32) * scale
   if softcap:
     old, new = softcap * jnp.tanh(old / softcap), softcap * jnp.tanh(new / softcap)
@@ -112,12 +123,20 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
     old_mask = old_mask & (slots[None, :] > q_slot[:, None] - window)[None]
     causal = causal & (jnp.arange(n)[None, :] > jnp.arange(n)[:, None] - window)
   new_mask = (q_segments[:, :, None] == q_segments[:, None, :]) & valid & causal[None]
-  logits = jnp.concatenate([jnp.where(old_mask[:, None, None], old, MASK_VALUE),
-                            jnp.where(new_mask[:, None, None], new, MASK_VALUE)], axis=-1)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_new.dtype)
-  cache_len = layer.k.shape[2]
-  out = (jnp.einsum("bkgns,bksd->bnkgd", probs[..., :cache_len], layer.v)
-         + jnp.einsum("bkgnm,bmkd->bnkgd", probs[..., cache_len:], v_new))
+  old = jnp.where(old_mask[:, None, None], old, MASK_VALUE)
+  new = jnp.where(new_mask[:, None, None], new, MASK_VALUE)
+  # One softmax over the cached slots and the new tokens together, in two parts (no
+  # concatenated copy of the scores).
+  top = jnp.maximum(old.max(-1, keepdims=True), new.max(-1, keepdims=True))
+  old, new = jnp.exp(old - top), jnp.exp(new - top)
+  total = old.sum(-1, keepdims=True) + new.sum(-1, keepdims=True)
+  old, new = (old / total).astype(v_new.dtype), (new / total).astype(v_new.dtype)
+  if n == 1:
+    cached = jnp.sum(old[:, :, :, 0, :, None].astype(f32) * layer.v[:, :, None].astype(f32),
+                     axis=3)[:, None].astype(v_new.dtype)
+  else:
+    cached = jnp.einsum("bkgns,bksd->bnkgd", old, layer.v)
+  out = cached + jnp.einsum("bkgnm,bmkd->bnkgd", new, v_new)
   return out.reshape(b, n, h, d).astype(q.dtype)
 
 

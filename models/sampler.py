@@ -19,6 +19,12 @@ bandwidth, and this halves the weight bytes a step reads (`compute_dtype_params`
 casts those matrices to the compute dtype before use anyway, so the result is bit-identical;
 vectors (norm scales, biases) and the MoE router, which are used in float32, stay as stored.
 
+Compiled without XLA's dot merger (`SAMPLER_COMPILER_OPTIONS`): it joins matrix products
+that share an input into one, which inside the decode loop means concatenating each layer's
+gate and up (and q, k, v) weights into a new buffer every step. Decoding reads each weight
+once per step, so that copy is pure memory traffic: on an H200 it was a third of the 1B
+decode step (README, "Benchmarks").
+
 Log-probs: `log_probs[b, t] = log softmax(logits)[token]` of the *unmodified* model distribution
 (temperature 1, no top-k / top-p cut), i.e. what a training forward pass over the same tokens
 gives: the behaviour log-probs RL objectives need, whatever the sampling settings.
@@ -38,6 +44,8 @@ from models.build import ModelSpec, Params
 from parallel.rules import Rules, batch_sharding, constrain, logical_to_spec, use_mesh_rules
 
 PROMPT_BUCKET = 64
+# XLA debug options the sampler is compiled with (module docstring).
+SAMPLER_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "dot-merger"}
 # Matrices that a layer uses in float32 rather than the compute dtype (models/moe.py's router).
 FULL_PRECISION_PARAMS = ("router",)
 
@@ -207,12 +215,12 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
                 lengths=mask.sum(-1).astype(jnp.int32))
 
   if mesh is None:
-    return jax.jit(sample)
+    return jax.jit(sample, compiler_options=SAMPLER_COMPILER_OPTIONS)
 
   def sharded_sample(*args):
     with use_mesh_rules(mesh, rules):
       return sample(*args)
-  return jax.jit(sharded_sample)
+  return jax.jit(sharded_sample, compiler_options=SAMPLER_COMPILER_OPTIONS)
 
 
 def check_length(spec: ModelSpec, prompt_len: int, max_new_tokens: int) -> None:
