@@ -178,15 +178,17 @@ def analyse(config: ml_collections.ConfigDict, workdir: str) -> tuple[Fit, str]:
            f"{PAPER['alpha']}, beta {PAPER['beta']}, so N_opt ~ C^{PAPER['a']}. Here: "
            f"{len(points)} pretraining runs of the tiny world.")
   sizes = sorted({p.params for p in points})
-  series, fitted = {}, {}
+  series, fitted, colors = {}, {}, {}
   grid = np.geomspace(min(p.tokens for p in points), max(p.tokens for p in points), 50)
-  for n in sizes:
+  for i, n in enumerate(sizes):
     mine = [p for p in points if p.params == n]
     series[f"N={n:.3g}"] = ([p.tokens for p in mine], [p.loss for p in mine])
     fitted[f"fit N={n:.3g}"] = (grid, fit.loss(n, grid))
+    # A size's points and its fitted curve in one colour.
+    colors[f"N={n:.3g}"] = colors[f"fit N={n:.3g}"] = f"C{i % 10}"
   doc.figure(plots.plot_xy(series, xlabel="tokens D", ylabel="final held-out loss",
                            title="L(N, D): runs (points) and fit (lines)", fitted=fitted,
-                           logx=True), "chinchilla_fit", "held-out loss against tokens, per size")
+                           logx=True, colors=colors), "chinchilla_fit", "held-out loss against tokens, per size")
   doc.heading("Fitted law and the paper's")
   doc.table(["", "E", "A", "B", "alpha", "beta", "a = beta / (alpha + beta)"],
             [["this run", fit.E, fit.A, fit.B, fit.alpha, fit.beta, fit.a],
