@@ -92,12 +92,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 20
     if arg == "tiny_tools":
       # A few tool-use demonstrations (data/tool_tasks.py) on top of the tiny SFT model:
-      # 400 train questions answered by lookup / calc calls; a price question's episode is
+      # 800 train questions answered by lookup / calc calls, half of them in counterfactual
+      # worlds (where only the tools' results give the answer); a price question's episode is
       # ~130 tokens, hence the longer rows. Held-out figures with the tools come from the
       # RL evaluation (configs/grpo.py:tiny_tools at iteration 0): SFT's own answer accuracy
       # reads the first reply only, which is a call.
       config.init_from = "runs/sft_tiny"
-      config.data.update(dict(tiny_task="tools", tiny_task_train_records=400,
+      config.data.update(dict(tiny_task="tools", tiny_task_train_records=800,
                               tiny_task_eval_records=64, seq_len=256))
       config.train.update(dict(steps=200, eval_every=100, eval_steps=4))
       config.optimizer.warmup_steps = 10

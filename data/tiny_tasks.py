@@ -110,11 +110,13 @@ def _split_of(text: str) -> str:
   return "validation" if zlib.crc32(text.encode()) % _VALIDATION_BUCKETS == 0 else "train"
 
 
-def questions(split: str, num: int, seed: int = 0) -> list[Question]:
-  """`num` questions of `split` (questions repeat within a split; never across splits)."""
+def questions(split: str, num: int, seed: int = 0, world: World | None = None
+              ) -> list[Question]:
+  """`num` questions of `split` (questions repeat within a split; never across splits) about
+  `world` (default: the tiny world's; another world's questions keep the split by text)."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-  w, rng, out = build_world(), random.Random(f"tiny-tasks/{seed}/{split}"), []
+  w, rng, out = world or build_world(), random.Random(f"tiny-tasks/{seed}/{split}"), []
   while len(out) < num:
     q = _questions(w, rng)
     if _split_of(q.text) == split:

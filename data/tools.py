@@ -16,9 +16,12 @@ The `tiny_world` toolset (`TOOLSETS`), over the facts of data/world.py:
                         them. Names and fields are matched case aside.
   calc: expression      exact arithmetic: numbers (integer or decimal), + - * / (also x for
                         times), parentheses and unary minus, parsed by a small recursive-
-                        descent parser (no eval): `calc: 9 * 4` -> "36", `calc: 7 / 2` -> "3.5".
-                        Results are exact fractions shown as integers, or as decimals of at
-                        most 6 places.
+                        descent parser (no eval): `calc: 9 * 4` -> "9 * 4 = 36", `calc: 7 / 2`
+                        -> "7 / 2 = 3.5". Results are exact fractions shown as integers, or as
+                        decimals of at most 6 places. The tool echoes the expression so the
+                        value stands as a word of its own, tokenized as it is in a sentence
+                        ("36" straight after `<result>` is another SentencePiece piece than
+                        the "▁36" an answer writes), which a model copies far more readily.
 
 The environment (`Environment`, `ToolEnvironment`), text in and text out:
 
@@ -152,6 +155,11 @@ def calculate(expression: str) -> str:
   return format_number(value)
 
 
+def calc_tool(expression: str) -> str:
+  """The `calc` tool: `"EXPRESSION = VALUE"` (module docstring), e.g. "9 * 4 = 36"."""
+  return f"{' '.join(expression.split())} = {calculate(expression)}"
+
+
 # --- lookup ---------------------------------------------------------------------------------
 
 # Fields of `lookup: name, field` by kind of name; aliases map to the same fact.
@@ -241,7 +249,7 @@ class Lookup:
 
 def tiny_world_tools() -> dict[str, Tool]:
   """The `tiny_world` toolset: lookup over data/world.py's world, and calc."""
-  return {"lookup": Lookup(build_world()), "calc": calculate}
+  return {"lookup": Lookup(build_world()), "calc": calc_tool}
 
 
 TOOLSETS: dict[str, Callable[[], dict[str, Tool]]] = {"tiny_world": tiny_world_tools}

@@ -114,7 +114,8 @@ def test_environment_steps():
   first = env.step("<tool>lookup: salt, price</tool>")
   assert (first.observation, first.reward, first.done) == ("A sack of salt costs 4 coins.", 0.0,
                                                            False)
-  assert env.step("<tool>calc: 9 * 4</tool>").observation == "36"
+  assert env.step("<tool>calc: 9 * 4</tool>").observation == "9 * 4 = 36"
+  assert env.step("<tool>calc:  7 /2 </tool>").observation == "7 /2 = 3.5"
   # Malformed calls, unknown tools and bad arguments are observations, not crashes.
   assert env.step("<tool>calc: 9 * 4").observation.startswith("error: <tool> is never closed")
   assert env.step("<tool>lookup(salt)</tool>").observation.startswith(
@@ -211,7 +212,7 @@ def test_price_demonstration_is_exact():
       {"from": "assistant", "value": "<tool>lookup: salt, price</tool>"},
       {"from": "tool", "value": "A sack of salt costs 4 coins."},
       {"from": "assistant", "value": "<tool>calc: 9 * 4</tool>"},
-      {"from": "tool", "value": "36"},
+      {"from": "tool", "value": "9 * 4 = 36"},
       {"from": "assistant", "value": "9 sacks of salt cost 36 coins."}]
 
 
@@ -228,3 +229,45 @@ def test_tool_demonstrations_as_a_data_source(tmp_path):
   assert not {conv[0].content for conv in train} & validation
   in_memory = sources.load_records(config.data, "conversations", "train")
   assert list(in_memory) == list(train)
+
+
+def test_counterfactual_demonstrations_answer_from_their_results():
+  records = tool_tasks.tool_records("train", 200)
+  real_world = tiny_world_tools()["lookup"]
+  convs = [r["conversations"] for r in records]
+  assert len(convs) == 200
+  validation = {q.text for q in tiny_tasks.questions("validation", 2000)}
+  contradicted = 0
+  for turns in convs:
+    question, answer = turns[0]["value"], turns[-1]["value"]
+    assert question not in validation
+    results = [t["value"] for t in turns if t["from"] == "tool"]
+    calls = [t["value"] for t in turns[1:-1] if t["from"] == "assistant"]
+    # Whatever the world, the final answer states the last result's fact (or its number).
+    fact = (answer.split(" cost ")[1].split()[0] if " cost " in answer
+            else answer.rstrip(".").split()[-1])
+    assert fact in results[-1].rstrip(".").split(), turns
+    real = real_world(calls[0][len("<tool>lookup: "):-len("</tool>")])
+    if len(results) == 1 and real != results[0]:
+      contradicted += 1  # the real world's fact differs: memory gives a wrong answer
+    elif len(results) == 2 and real != results[0]:
+      contradicted += 1  # another price
+  # Half the records are counterfactual; most of their facts differ from the real world's.
+  assert 60 <= contradicted <= 100, contradicted
+  # Validation records are the real world's, exactly as before.
+  held = tool_tasks.tool_records("validation", 20)
+  assert held == [{"conversations": tool_tasks.demonstration(q)}
+                  for q in tiny_tasks.questions("validation", 20, 4)]
+  assert tool_tasks.tool_records("train", 20, counterfactual=0.0) == [
+      {"conversations": tool_tasks.demonstration(q)}
+      for q in tiny_tasks.questions("train", 20, 4)]
+
+
+def test_counterfactual_world_keeps_names_and_changes_facts():
+  real, other = build_world(), tool_tasks.counterfactual_world(0)
+  assert [t.name for t in real.towns] == [t.name for t in other.towns]
+  assert {p.name for p in real.people} == {p.name for p in other.people}
+  assert all(a.price != b.price for a, b in zip(real.goods, other.goods))
+  assert [t.export for t in real.towns] != [t.export for t in other.towns]
+  assert tool_tasks.counterfactual_world(0) == other  # deterministic
+  assert tool_tasks.counterfactual_world(1) != other

@@ -27,7 +27,7 @@ from training.validate import validate_config
 VOCAB = 384
 QUESTION = "How much do 9 sacks of salt cost?"
 CALL_1, RESULT_1 = "<tool>lookup: salt, price</tool>", "A sack of salt costs 4 coins."
-CALL_2, RESULT_2 = "<tool>calc: 9 * 4</tool>", "36"
+CALL_2, RESULT_2 = "<tool>calc: 9 * 4</tool>", "9 * 4 = 36"
 ANSWER = "9 sacks of salt cost 36 coins."
 
 
