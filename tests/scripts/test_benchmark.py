@@ -17,6 +17,7 @@ from absl import flags
 from configs.pretrain import get_config
 from models.flops import matmul_params
 from scripts import benchmark
+from scripts.benchmarks import clm as clm_bench
 from scripts.benchmarks.dpo import benchmark_dpo, dpo_config, format_dpo, random_pair_batch
 from models.build import build_model_spec
 from scripts.benchmarks.generation import (benchmark_generate, decode_bytes, format_generate,
@@ -44,7 +45,7 @@ def test_importing_defines_no_flags():
 def test_clm_on_a_tiny_model():
   config = tiny_config()
   config.data.update(dict(global_batch_size=8, seq_len=32))
-  result = benchmark.benchmark_clm(config, steps=2, warmup=1, peak_sizes=(512,),
+  result = clm_bench.benchmark_clm(config, steps=2, warmup=1, peak_sizes=(512,),
                                    peak_repeats=2)
   assert math.isfinite(result["tokens_per_sec"]) and result["tokens_per_sec"] > 0
   np.testing.assert_allclose(result["tokens_per_sec"], 8 * 32 / result["step_s_median"])
@@ -52,7 +53,7 @@ def test_clm_on_a_tiny_model():
   assert math.isfinite(result["final_loss"])
   for key in ("peak_memory_bytes", "temp_bytes", "argument_bytes", "output_bytes"):
     assert result[key] > 0, key
-  assert "tokens/s" in benchmark.format_clm(result)
+  assert "tokens/s" in clm_bench.format_clm(result)
 
 
 def test_generate_counts_every_new_token():

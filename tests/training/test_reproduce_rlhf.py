@@ -96,26 +96,36 @@ def test_base_runs_are_checked_and_only_for_rlhf_reproductions(tmp_path):
     reproduce("overoptimization", str(tmp_path), "test", base_runs=str(tmp_path))
 
 
-def test_dpo_frontier_reads_its_runs_and_writes_the_report(base_runs, tmp_path):
+def _reproduced(name, paper_config, analysis, base_runs, tmp_path):
+  """Runs reproduction `name`'s test form on `base_runs`; returns (workdir, its result, the
+  report page, its config and the points its analysis reads back from the runs)."""
   workdir = str(tmp_path)
-  result, page = reproduce("dpo_frontier", workdir, "test", base_runs=base_runs)
-  config = frontier_config.get_config("test")
+  result, page = reproduce(name, workdir, "test", base_runs=base_runs)
+  config = paper_config.get_config("test")
   config.base_runs = base_runs
-  points = frontier.collect_points(config, workdir)
+  return workdir, result, page, config, analysis.collect_points(config, workdir)
+
+
+def _sampled_evals(run_dir):
+  """The rows of a run's metrics.jsonl that hold a sampled held-out evaluation."""
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if "eval/sampled_kl" in r]
+
+
+def test_dpo_frontier_reads_its_runs_and_writes_the_report(base_runs, tmp_path):
+  workdir, result, page, config, points = _reproduced(
+      "dpo_frontier", frontier_config, frontier, base_runs, tmp_path)
   assert [p.method for p in points].count("DPO") == 2
   assert [p.label for p in points if p.method == "best-of-N"] == ["N=1", "N=2", "N=4"]
   # PPO's points are its logged held-out evaluations after the start, value for value.
-  ppo = [r for r in map(json.loads, open(os.path.join(workdir, "runs", "ppo_kl0.1",
-                                                      "metrics.jsonl")))
-         if "eval/sampled_kl" in r and r["step"] > 0]
+  logged = _sampled_evals(os.path.join(workdir, "runs", "ppo_kl0.1"))
+  ppo = [r for r in logged if r["step"] > 0]
   assert [(p.kl, p.gold) for p in points if p.method == "PPO"] == [
       (r["eval/sampled_kl"], r["eval/sampled_answer_accuracy"]) for r in ppo]
   assert len(ppo) == 2 and result == frontier.dominance(points)
   # The judge measures the SFT policy (and so DPO's) exactly as the PPO run measured its own
   # start: the same questions, samples and keys.
-  start = [r for r in map(json.loads, open(os.path.join(workdir, "runs", "ppo_kl0.1",
-                                                        "metrics.jsonl")))
-           if "eval/sampled_kl" in r and r["step"] == 0][0]
+  start = [r for r in logged if r["step"] == 0][0]
   sft = json.load(open(os.path.join(workdir, "evals", "sft.json")))
   for tag in ("eval/sampled_answer_accuracy", "eval/sampled_stop_rate", "eval/sampled_kl",
               "eval/response_length"):
@@ -137,11 +147,8 @@ def test_dpo_frontier_reads_its_runs_and_writes_the_report(base_runs, tmp_path):
 
 
 def test_overoptimization_fits_its_runs_and_writes_the_report(base_runs, tmp_path):
-  workdir = str(tmp_path)
-  fits, page = reproduce("overoptimization", workdir, "test", base_runs=base_runs)
-  config = overopt_config.get_config("test")
-  config.base_runs = base_runs
-  points = overoptimization.collect_points(config, workdir)
+  workdir, fits, page, config, points = _reproduced(
+      "overoptimization", overopt_config, overoptimization, base_runs, tmp_path)
   rl_dir = os.path.join(workdir, "runs", "grpo_proxy")
   logged = eval_points(rl_dir)
   rl = [p for p in points if p.method == "rl"]
