@@ -29,7 +29,8 @@ records, docs/formats.md). docs/results_rl.md has the tiny runs' figures.
 
 Sections: `rl` (sampling and update schedule, DAPO's dynamic sampling, packed updates:
 training/rl/packing.py, off-policy overlapped rollouts with staleness, rollout_devices and
-max_importance_ratio: training/rl/offpolicy.py), `reward` (function
+max_importance_ratio: training/rl/offpolicy.py, int8 rollout_weights: models/quantize.py),
+`reward` (function
 and / or reward-model run, missing-stop penalty, DAPO's overlong shaping:
 training/rl/rewards.py), `value` (source 'head' on the policy or a
 separate 'model'; `init_from` of the latter, '' = reward.model, else init_from), `eval`,
@@ -89,6 +90,9 @@ def add_rl_sections(config: ml_collections.ConfigDict) -> None:
       staleness=0,
       rollout_devices=0,
       max_importance_ratio=2.0,
+      # The sampler's weights: 'compute' (the compute dtype) or 'int8' (weight-only, half
+      # the bytes a decode step reads; models/quantize.py), corrected like a stale rollout.
+      rollout_weights="compute",
   ))
   config.reward = ml_collections.ConfigDict(dict(
       function="tiny_answer",  # training/rl/rewards.py REWARD_FUNCTIONS ('' = none)

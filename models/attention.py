@@ -27,8 +27,8 @@ from models.attention_kernels import Layer, resolve_kernel, run_per_device, step
 from models.flash_attention import (  # noqa: F401 (segment_mask re-exported)
     MASK_VALUE, flash_attention, segment_mask)
 from models.gpu_attention import cudnn_attention, pallas_gpu_attention
-from models.layers import (RMSNorm, apply_rope, dense, dtype_of, param, rope_scaling_of,
-                           rope_tables)
+from models.layers import (RMSNorm, apply_rope, dense, dtype_of, matrix, param,
+                           rope_scaling_of, rope_tables)
 from models.splash_attention import splash_attention
 from parallel.rules import constrain
 
@@ -145,7 +145,7 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(hd, cfg, rngs=rngs)
 
   def _project(self, x, kernel, bias, heads_axis):
-    y = dense(x, kernel[...].astype(self.dtype))
+    y = dense(x, matrix(kernel, self.dtype))
     if bias is not None:
       y = y + bias[...].astype(self.dtype)
     return constrain(y, ("batch", "length", heads_axis, "act_head_dim"))
@@ -192,7 +192,7 @@ class Attention(nnx.Module):
     # Padding rows attend nowhere: zero them rather than keep the uniform average.
     out = out * (segment_ids > 0)[:, :, None, None].astype(out.dtype)
     out = constrain(out, ("batch", "length", "act_heads", "act_head_dim"))
-    y = dense(out, self.o[...].astype(self.dtype), in_dims=2)
+    y = dense(out, matrix(self.o, self.dtype), in_dims=2)
     if self.out_bias:
       y = y + self.o_bias[...].astype(self.dtype)
     return y
@@ -224,7 +224,7 @@ class Attention(nnx.Module):
                           softcap=self.softcap)
     out = out * (segment_ids > 0)[:, :, None, None].astype(out.dtype)
     out = constrain(out, ("batch", "length", "act_heads", "act_head_dim"))
-    y = jnp.einsum("blhk,hkd->bld", out, self.o[...].astype(self.dtype))
+    y = dense(out, matrix(self.o, self.dtype), in_dims=2)
     if self.out_bias:
       y = y + self.o_bias[...].astype(self.dtype)
     return y, (k, v)

@@ -26,7 +26,8 @@ from models import kv_cache
 from models import moe as moe_lib
 from models.attention import Attention
 from models.layer_pattern import layer_kinds, scan_layers
-from models.layers import MLP, dtype_of, make_norm, param
+from models.layers import MLP, dense, dtype_of, make_norm, matrix, param
+from models.quantize import Int8Weight
 from parallel.rules import constrain
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -190,8 +191,12 @@ class Decoder(nnx.Module):
     """
     # Gather the table's feature dim first (as FSDP does for every weight) so the lookup's
     # output comes out batch-sharded instead of feature-sharded.
-    table = constrain(self.embed[...], ("vocab", None))
-    x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+    table = self.embed.get_value()
+    if isinstance(table, Int8Weight):  # sampling with int8 weights: only the rows read
+      x = table.take_rows(tokens)
+    else:
+      table = constrain(table, ("vocab", None))
+      x = jnp.take(table, tokens, axis=0).astype(self.dtype)
     if self.config.get("scale_embeddings", False):
       # Gemma: times sqrt(d_model) rounded to the compute dtype, as HF multiplies (in bfloat16
       # sqrt(3072) = 55.43 is 55.5).
@@ -211,11 +216,14 @@ class Decoder(nnx.Module):
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if self.config.tie_embeddings:
-      w = self.embed[...].astype(self.dtype)
-      out = jnp.einsum("td,vd->tv", h2, w, preferred_element_type=jnp.float32)
+      w = matrix(self.embed, self.dtype)
+      if isinstance(w, Int8Weight):  # (h @ q^T) * the table's row scales
+        out = jnp.einsum("td,vd->tv", h2, w.values(self.dtype),
+                         preferred_element_type=jnp.float32) * w.output_scale()
+      else:
+        out = jnp.einsum("td,vd->tv", h2, w, preferred_element_type=jnp.float32)
     else:
-      w = self.lm_head[...].astype(self.dtype)
-      out = jnp.dot(h2, w, preferred_element_type=jnp.float32)
+      out = dense(h2, matrix(self.lm_head, self.dtype), preferred_element_type=jnp.float32)
     cap = self.config.get("final_softcap", 0.0)
     if cap:  # Gemma 2: c * tanh(logits / c) bounds the logits to (-c, c)
       out = cap * jnp.tanh(out / cap)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from models.quantize import Int8Weight
 from parallel.rules import constrain
 
 
@@ -34,11 +35,26 @@ def dense(x: jax.Array, kernel: jax.Array, in_dims: int = 1, **dot_kwargs) -> ja
   backward product is a plain GEMM on row-major operands (README, "Benchmarks", has the
   speed-up).
   """
+  if isinstance(kernel, Int8Weight):
+    if kernel.contracted_first and kernel.split == in_dims:
+      # (x @ q) * scale: one scale per output feature (models/quantize.py).
+      out_dtype = dot_kwargs.pop("preferred_element_type", x.dtype)
+      y = dense(x, kernel.values(x.dtype), in_dims, preferred_element_type=jnp.float32,
+                **dot_kwargs)
+      return (y * kernel.output_scale()).astype(out_dtype)
+    kernel = kernel.dequantize()
   in_shape, out_shape = kernel.shape[:in_dims], kernel.shape[in_dims:]
   lead = x.shape[:x.ndim - in_dims]
   x2 = x.reshape(-1, math.prod(in_shape))
   y = jnp.dot(x2, kernel.reshape(math.prod(in_shape), -1), **dot_kwargs)
   return y.reshape(*lead, *out_shape)
+
+
+def matrix(param: nnx.Variable, dtype) -> jax.Array | Int8Weight:
+  """A matrix param for `dense`: its value cast to `dtype`, or an int8 weight as it is
+  (sampling, models/quantize.py), which `dense` multiplies as int8 and scales."""
+  value = param.get_value()
+  return value if isinstance(value, Int8Weight) else value.astype(dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -174,7 +190,7 @@ class MLP(nnx.Module):
       self.down_bias = param(rngs, nnx.initializers.zeros, (d,), ("norm",), pdt)
 
   def _dense(self, x, kernel, bias=None):
-    y = dense(x, kernel[...].astype(self.dtype))
+    y = dense(x, matrix(kernel, self.dtype))
     return y if bias is None else y + bias[...].astype(self.dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -13,11 +13,14 @@ Sampling: `temperature == 0` is greedy (argmax); otherwise the logits are divide
 temperature, cut to the `top_k` largest (0: all) and to the smallest set whose probability
 reaches `top_p` (nucleus sampling, Holtzman et al., 2020; 1.0: all), and sampled.
 
-Weights: before the prefill the sampler casts every matrix (projections, embeddings, LM head) to the compute dtype once, so each decode step reads bfloat16
-weights rather than float32 ones that it would cast again; decoding is bound by memory
-bandwidth, and this halves the weight bytes a step reads (`compute_dtype_params`). Every layer
-casts those matrices to the compute dtype before use anyway, so the result is bit-identical;
-vectors (norm scales, biases) and the MoE router, which are used in float32, stay as stored.
+Weights: before the prefill the sampler casts every matrix (projections, embeddings, LM
+head) to the compute dtype once, so each decode step reads bfloat16 weights rather than
+float32 ones that it would cast again; decoding is bound by memory bandwidth, and this halves
+the weight bytes a step reads (`compute_dtype_params`). Every layer casts those matrices to
+the compute dtype before use anyway, so the result is bit-identical; vectors (norm scales,
+biases) and the MoE router, which are used in float32, stay as stored. `weights="int8"` holds
+the matrices as weight-only int8 instead (models/quantize.py): half the bytes again, a
+slightly different model (`sampling_params`).
 
 Compiled without XLA's dot merger (`SAMPLER_COMPILER_OPTIONS`): it joins matrix products
 that share an input into one, which inside the decode loop means concatenating each layer's
@@ -40,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import kv_cache
+from models.quantize import WEIGHT_FORMATS, Int8Weight, quantize_params
 from models.build import ModelSpec, Params
 from parallel.rules import Rules, batch_sharding, constrain, logical_to_spec, use_mesh_rules
 
@@ -140,10 +144,23 @@ def compute_dtype_params(spec: ModelSpec, params: Params) -> Params:
   return jax.tree_util.tree_map_with_path(cast, params, spec.logical_axes)
 
 
+def sampling_params(spec: ModelSpec, params: Params, weights: str = "compute") -> Params:
+  """The weights a sampler reads: `compute_dtype_params`, or with `weights="int8"` every
+  matrix but the untied input tables and the router as models/quantize.py's Int8Weight."""
+  if weights not in WEIGHT_FORMATS:
+    raise ValueError(f"unknown sampling weights {weights!r}; choose one of {WEIGHT_FORMATS}")
+  held = compute_dtype_params(spec, params)
+  if weights == "compute":
+    return held
+  is_int8 = lambda x: isinstance(x, Int8Weight)
+  return jax.tree.map(lambda q, h: q if is_int8(q) else h, quantize_params(spec, params),
+                      held, is_leaf=is_int8)
+
+
 def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: int = 0,
                  stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, mesh=None, rules: Rules | None = None
-                 ) -> Callable[..., dict[str, jax.Array]]:
+                 top_p: float = 1.0, mesh=None, rules: Rules | None = None,
+                 weights: str = "compute") -> Callable[..., dict[str, jax.Array]]:
   """A jitted `sample(params, prompt_tokens, prompt_lengths, rng) -> dict` for RL loops.
 
   Args of the returned function:
@@ -178,7 +195,7 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
 
   def sample(params: Params, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
              rng: jax.Array) -> dict[str, jax.Array]:
-    model = spec.bind(compute_dtype_params(spec, params))
+    model = spec.bind(sampling_params(spec, params, weights))
     batch, prompt_len = prompt_tokens.shape
     prompt_lengths = prompt_lengths.astype(jnp.int32)
     positions, segment_ids = prompt_inputs(prompt_tokens, prompt_lengths)
@@ -239,17 +256,21 @@ class Sampler:
   Sampler per model and keep it for the run.
   """
 
-  def __init__(self, spec: ModelSpec, mesh=None, rules: Rules | None = None):
+  def __init__(self, spec: ModelSpec, mesh=None, rules: Rules | None = None,
+               weights: str = "compute"):
+    """`weights`: as `make_sampler`'s, for every call."""
     if (mesh is None) != (rules is None):
       raise ValueError("pass both mesh and rules, or neither")
-    self.spec, self.mesh, self.rules = spec, mesh, rules
+    if weights not in WEIGHT_FORMATS:
+      raise ValueError(f"unknown sampling weights {weights!r}; choose one of {WEIGHT_FORMATS}")
+    self.spec, self.mesh, self.rules, self.weights = spec, mesh, rules, weights
     self._compiled: dict[tuple, Callable] = {}
 
   def _sampler(self, **settings) -> Callable:
     key = tuple(sorted(settings.items()))
     if key not in self._compiled:
       self._compiled[key] = make_sampler(self.spec, mesh=self.mesh, rules=self.rules,
-                                         **settings)
+                                         weights=self.weights, **settings)
     return self._compiled[key]
 
   def generate(self, params: Params, prompts: list[list[int]], *, max_new_tokens: int,
@@ -310,6 +331,6 @@ class Sampler:
 
 
 def generate(spec: ModelSpec, params: Params, prompts: list[list[int]], *, mesh=None,
-             rules: Rules | None = None, **kwargs) -> SampleOutput:
+             rules: Rules | None = None, weights: str = "compute", **kwargs) -> SampleOutput:
   """One `Sampler.generate` call (compiles afresh: a loop should keep a `Sampler`)."""
-  return Sampler(spec, mesh, rules).generate(params, prompts, **kwargs)
+  return Sampler(spec, mesh, rules, weights).generate(params, prompts, **kwargs)

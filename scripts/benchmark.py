@@ -82,7 +82,7 @@ _COMMON_FLAGS = ("preset", "warmup", "attention", "dtype", "scan_layers", "peak_
 _SUBCOMMAND_FLAGS = {
     "clm": _COMMON_FLAGS + ("remat", "steps", "batch", "seq_len"),
     "generate": _COMMON_FLAGS + ("prompts", "prompt_len", "new_tokens", "repeats",
-                                 "temperature"),
+                                 "temperature", "sample_weights"),
     "ppo": _COMMON_FLAGS + ("remat", "prompts", "prompt_len", "new_tokens", "repeats",
                             "temperature"),
     "grpo": _COMMON_FLAGS + ("remat", "prompts", "samples", "prompt_len", "new_tokens",
@@ -140,6 +140,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("repeats", 3, "generate, ppo, grpo: timed calls / iterations (median).")
   flags.DEFINE_float("temperature", 1.0, "generate, ppo, grpo: sampling temperature (0: "
                      "greedy).")
+  flags.DEFINE_enum("sample_weights", "compute", ["compute", "int8"], "generate: the "
+                    "sampler's matrices in the compute dtype or weight-only int8 "
+                    "(models/quantize.py).")
   # grpo.
   flags.DEFINE_integer("samples", 4, "grpo: replies per prompt (the group size G).")
   flags.DEFINE_bool("old_log_probs_forward", False, "grpo: run the policy's pi_old pass even "
@@ -220,7 +223,8 @@ def run_generate() -> dict[str, Any]:
   f = flags.FLAGS
   result = add_mfu(benchmark_generate(
       config, batch=_prompts("generate"), prompt_len=f.prompt_len,
-      max_new_tokens=_new_tokens("generate"), temperature=f.temperature, repeats=f.repeats, warmup=_warmup("generate")),
+      max_new_tokens=_new_tokens("generate"), temperature=f.temperature, repeats=f.repeats,
+      warmup=_warmup("generate"), weights=f.sample_weights),
       config.model.dtype)
   print(format_generate(result))
   print(format_mfu(result))

@@ -27,6 +27,7 @@ import ml_collections
 
 from data.tools import TOOLSETS
 from models.attention_kernels import kernel_problems
+from models.quantize import WEIGHT_FORMATS
 from parallel.mesh import mesh_shape
 from parallel.rules import MESH_AXES, RULE_PRESETS
 from training.registry import STAGES
@@ -95,11 +96,14 @@ def attention_problems(config: ml_collections.ConfigDict, platform: str) -> list
 
 
 def rl_problems(config: ml_collections.ConfigDict, device_count: int | None) -> list[str]:
-  """The off-policy rollout keys: staleness, importance cap, rollout devices
+  """The rollout keys: staleness, importance cap, rollout devices, rollout weights
   (training/rl/offpolicy.py). Their types are the locked ConfigDict's to check."""
   problems: list[str] = []
   staleness = _at_least(config, "rl.staleness", 0, problems)
   _at_least(config, "rl.max_importance_ratio", 1, problems)
+  weights = _get(config, "rl.rollout_weights")
+  if weights is not None and weights not in WEIGHT_FORMATS:
+    problems.append(f"config.rl.rollout_weights {weights!r}: choose one of {WEIGHT_FORMATS}")
   devices = _at_least(config, "rl.rollout_devices", 0, problems)
   if isinstance(devices, int) and devices > 0:
     if _get(config, "rl.tools"):

@@ -14,10 +14,11 @@ with one new token), decode tokens/s without it, model FLOP/s of the forward pas
 Decoding is bound by memory bandwidth, not matmul rate: every step reads all the weights and
 the whole KV cache to produce one token per row. So the benchmark also reports the decode
 step's memory-bandwidth utilisation: `decode_step_bytes` (`decode_bytes`: weights as the
-sampler holds them, in the compute dtype, plus every cache slot of every layer, which each
-step's attention reads) / the decode step's time / the machine's bandwidth. The bandwidth is
-the chip's published peak on accelerators (parallel/peak.py), with a streaming rate measured in
-the same run beside it; on CPU, that measured rate.
+sampler holds them, in the compute dtype or, with `weights="int8"`, int8 and scales, plus
+every cache slot of every layer, which each step's attention reads) / the decode step's time
+/ the machine's bandwidth. The bandwidth is the chip's published peak on accelerators
+(parallel/peak.py), with a streaming rate measured in the same run beside it; on CPU, that
+measured rate.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import models  # noqa: F401  (sets flax's variable-sharding mode before any modu
 from models.build import build_model_spec, count_params
 from models.flops import forward_flops_per_token
 from models.layers import dtype_of
-from models.sampler import check_length, compute_dtype_params, make_sampler
+from models.sampler import check_length, make_sampler, sampling_params
 from parallel.peak import measure_memory_bandwidth, published_memory_bandwidth
 from parallel.mesh import make_mesh
 from parallel.rules import batch_sharding, get_rules, tree_shardings
@@ -82,11 +83,13 @@ def generation_flops(cfg: ml_collections.ConfigDict, batch: int, prompt_len: int
   return batch * (prefill + decode)
 
 
-def decode_bytes(spec, batch: int, cache_len: int) -> dict[str, int]:
+def decode_bytes(spec, batch: int, cache_len: int, weights: str = "compute"
+                 ) -> dict[str, int]:
   """Bytes one decode step reads from memory: weights and KV cache.
 
-  Weights as `make_sampler` holds them: matrices in the compute dtype when stored wider
-  (`models.sampler.compute_dtype_params`), vectors and the router as stored. The input
+  Weights as `make_sampler` holds them (`models.sampler.sampling_params`): matrices in the
+  compute dtype when stored wider, or int8 values and their float32 scales
+  (`weights="int8"`), vectors and the router as stored. The input
   embedding table (and GPT-2's position table) is not counted unless it is also the LM head
   (tied): a step reads only its rows for `batch` tokens. MoE experts all count (with a batch of
   rows, top-k routing touches nearly all of them). The cache: keys and values of every layer,
@@ -94,17 +97,18 @@ def decode_bytes(spec, batch: int, cache_len: int) -> dict[str, int]:
   """
   cfg = spec.config
   compute = dtype_of(cfg.dtype)
-  held = jax.eval_shape(lambda p: compute_dtype_params(spec, p), spec.shapes)
-  weights = 0
+  held = jax.eval_shape(lambda p: sampling_params(spec, p, weights), spec.shapes)
+  weight_bytes = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(held):
-    name = str(getattr(path[-1], "key", path[-1]))
+    # The param's name: the last dict key (an Int8Weight adds its values and scale below it).
+    name = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
     if name == "pos_embed" or (name == "embed" and not cfg.tie_embeddings):
       continue
-    weights += int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+    weight_bytes += int(np.prod(leaf.shape)) * leaf.dtype.itemsize
   head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
   cache = (2 * cfg.num_layers * batch * cfg.num_kv_heads * cache_len * head_dim
            * compute.itemsize + batch * cache_len * 4)
-  return dict(weight_bytes=weights, cache_bytes=cache, step_bytes=weights + cache)
+  return dict(weight_bytes=weight_bytes, cache_bytes=cache, step_bytes=weight_bytes + cache)
 
 
 def bandwidth_figures(nbytes: int, repeats: int = 10) -> dict[str, Any]:
@@ -124,7 +128,8 @@ def bandwidth_figures(nbytes: int, repeats: int = 10) -> dict[str, Any]:
 def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
                        prompt_len: int = 64, max_new_tokens: int = 128,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                       repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict[str, Any]:
+                       repeats: int = 3, warmup: int = 1, seed: int = 0,
+                       weights: str = "compute") -> dict[str, Any]:
   """Times generation with the model, mesh and rules of `config` (a configs/pretrain.py config).
 
   Args:
@@ -136,6 +141,7 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
     repeats: timed calls.
     warmup: untimed calls before them (after compiling).
     seed: of the prompts and of the sampling key.
+    weights: the sampler's weights, "compute" or "int8" (models/quantize.py).
 
   Returns:
     A flat dict: `new_tokens` (counted in the last call's output: `batch * max_new_tokens`),
@@ -159,7 +165,7 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
   lengths = jax.device_put(np.full((batch,), prompt_len, np.int32),
                            batch_sharding(mesh, rules, ndim=1))
   settings = dict(eos_id=-1, temperature=temperature, top_k=top_k, top_p=top_p, mesh=mesh,
-                  rules=rules)
+                  rules=rules, weights=weights)
   args = (params, tokens, lengths, jax.random.PRNGKey(seed))
 
   def compile_sampler(new_tokens):
@@ -178,7 +184,7 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
   call_s = statistics.median(times)
   flops = generation_flops(config.model, batch, prompt_len, max_new_tokens)
   # The cache the sampler allocates: the prompt plus every new token but the last.
-  traffic = decode_bytes(spec, batch, prompt_len + max_new_tokens - 1)
+  traffic = decode_bytes(spec, batch, prompt_len + max_new_tokens - 1, weights)
   decode_step_s = max(call_s - prefill_s, 1e-9) / max(max_new_tokens - 1, 1)
   on_cpu = jax.devices()[0].platform == "cpu"
   bandwidth = bandwidth_figures(1 << (28 if on_cpu else 31))
@@ -187,6 +193,7 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
       params=count_params(spec.shapes), batch=batch, prompt_len=prompt_len,
       max_new_tokens=max_new_tokens, new_tokens=new_tokens, temperature=temperature,
       top_k=top_k, top_p=top_p, dtype=config.model.dtype, attention=config.model.attention,
+      weights=weights,
       repeats=repeats, warmup=warmup, call_s_median=call_s,
       call_s_mean=statistics.fmean(times), call_s_min=min(times),
       call_cpu_s_median=statistics.median(cpu_times),
@@ -206,7 +213,8 @@ def format_generate(result: dict[str, Any]) -> str:
   return "\n".join([
       f"generate: {result['params'] / 1e6:.1f}M params, {result['batch']} prompts x "
       f"{result['prompt_len']} tokens, {result['max_new_tokens']} new tokens, temperature "
-      f"{result['temperature']}, {result['dtype']}, {result['devices']} "
+      f"{result['temperature']}, {result['dtype']}"
+      + (" with int8 weights" if result["weights"] == "int8" else "") + f", {result['devices']} "
       f"{result['platform']} device(s)",
       f"call time        {result['call_s_median']:.3f} s median (mean "
       f"{result['call_s_mean']:.3f}, min {result['call_s_min']:.3f}, {result['repeats']} runs; "

@@ -162,6 +162,14 @@ def test_decode_bytes_count_weights_as_sampled_and_the_whole_cache(tie):
   # k and v, 2 layers, 3 rows, 2 KV heads, 10 slots, head_dim 8, bfloat16; segment ids int32.
   assert got["cache_bytes"] == 2 * 2 * 3 * 2 * 10 * 8 * 2 + 3 * 10 * 4
   assert got["step_bytes"] == got["weight_bytes"] + got["cache_bytes"]
+  # int8: a byte per matrix element plus a float32 scale per output channel (q: head x
+  # head_dim, k and v: KV head x head_dim, o and down: d, gate and up: mlp), per layer.
+  int8 = decode_bytes(spec, batch=3, cache_len=10, weights="int8")
+  scales = (4 * 8 + 2 * 2 * 8 + 32 + 2 * 64 + 32) * 4
+  per_layer = (32 * 4 * 8 + 2 * 32 * 2 * 8 + 4 * 8 * 32 + 3 * 32 * 64) + scales + 2 * 32 * 4
+  head = 64 * 32 + 64 * 4  # int8 head, a scale per vocab row / column
+  assert int8["weight_bytes"] == 2 * per_layer + 32 * 4 + head
+  assert int8["cache_bytes"] == got["cache_bytes"]
 
 
 def test_generate_reports_decode_bandwidth_utilisation():

@@ -22,6 +22,7 @@ from training.rl.loop import RLTrainer, train_rl
 from training.rl.offpolicy import behaviour_iteration
 from training.validate import validate_config
 from models.build import build_model_spec
+from models.quantize import Int8Weight, quantize_params
 
 
 def _config(base_dir, **rl):
@@ -157,6 +158,37 @@ def test_staleness_one_resume_equals_uninterrupted(split, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_int8_rollouts_are_weighed_by_the_quantized_policy(runs, tmp_path):
+  """rl.rollout_weights int8 at staleness 0: mu is the forward pass of the dequantized
+  weights, and the loss weighs each token by min(pi_old / mu, C)."""
+  config = _config(runs[0], epochs=1, minibatches=1, rollout_weights="int8")
+  trainer = _trainer(config, str(tmp_path))
+  # pi_old's pass runs (an on-policy single update would skip it) and mu's too.
+  assert trainer.rollouts is not None and trainer.old_log_probs_forward
+  assert trainer.engine.rollout_sampler is trainer.rollouts.sample_fn
+  seen = _spy(trainer)
+  trainer.rollouts.reset(0)
+  state = trainer.fresh_state()
+  theta = jax.tree.map(np.asarray, state["params"])
+  state, record, _ = trainer.iteration(state, 0, 0.04)
+  rollout, arrays = seen[0]
+  deq = jax.tree.map(lambda x: x.dequantize() if isinstance(x, Int8Weight) else x,
+                     quantize_params(trainer.spec, theta),
+                     is_leaf=lambda x: isinstance(x, Int8Weight))
+  mask, chunks = rollout.mask, [np.arange(len(rollout.mask))]
+  mu = trainer.engine.forward(deq, rollout.rows, mask, chunks)["log_probs"]
+  np.testing.assert_allclose(rollout.behaviour_log_probs, mu, atol=2e-5)
+  old = trainer.engine.forward(theta, rollout.rows, mask, chunks)["log_probs"]
+  np.testing.assert_allclose(rollout.log_probs, old, atol=2e-5)
+  # The quantized policy is another policy, close to the trained one.
+  gap = np.abs(rollout.behaviour_log_probs - rollout.log_probs).max()
+  assert 1e-5 < gap < 0.1, gap
+  want, _ = truncated_weights(old, mu, mask, config.rl.max_importance_ratio)
+  np.testing.assert_allclose(arrays["importance_weights"], want, atol=1e-4)
+  assert record["train/staleness"] == 0.0
+  assert abs(record["train/behaviour_kl"]) < 0.1 and np.isfinite(record["train/loss"])
+
+
 def test_truncated_importance_weights_scale_the_policy_term():
   """objectives/grpo.py: w multiplies each token's policy loss, under stop_gradient."""
   log_probs = jnp.array([[-1.0, -0.5, -2.0]])
@@ -182,12 +214,14 @@ def test_truncated_importance_weights_scale_the_policy_term():
 
 def test_off_policy_config_errors_name_their_keys():
   config = grpo_config.get_config("tiny")
-  config.rl.update(dict(staleness=-1, rollout_devices=8, max_importance_ratio=0.5))
+  config.rl.update(dict(staleness=-1, rollout_devices=8, max_importance_ratio=0.5,
+                        rollout_weights="fp8"))
   problems = "\n".join(validate_config(config, device_count=8))
   for key in ("config.rl.staleness", "config.rl.max_importance_ratio",
-              "config.rl.rollout_devices 8 leaves none"):
+              "config.rl.rollout_devices 8 leaves none", "config.rl.rollout_weights 'fp8'"):
     assert key in problems
-  config.rl.update(dict(staleness=0, rollout_devices=2, max_importance_ratio=2.0))
+  config.rl.update(dict(staleness=0, rollout_devices=2, max_importance_ratio=2.0,
+                        rollout_weights="int8"))
   assert "needs config.rl.staleness >= 1" in "\n".join(validate_config(config, device_count=8))
   config.rl.staleness = 1
   assert validate_config(config, device_count=8) == []

@@ -29,7 +29,9 @@ Off-policy rollouts (`rl.staleness` k, `rl.rollout_devices`, training/rl/offpoli
 iteration t trains on a rollout sampled with the weights of iteration max(t - k, 0), sampled
 (on devices of its own) while earlier updates ran, with truncated importance weights
 pi_old / mu (`rl.max_importance_ratio`) on the policy loss. The checkpoint then also holds
-the weights of the rollouts in flight, which a resumed run regenerates.
+the weights of the rollouts in flight, which a resumed run regenerates. Int8 rollouts
+(`rl.rollout_weights: int8`, models/quantize.py) sample from the quantized policy mu and take
+the same correction, at any staleness.
 
 Sections below: start-up; prompts; models (`RLTrainer`: the trained ActorCritic built by
 training/setup.py, the frozen reference and reward model loaded by training/runs.py) and state
@@ -56,6 +58,7 @@ from data.verifiers import get_answer_checker, get_reward_function
 from data.prompts import load_prompts
 from models.build import build_model_spec
 from models.lora import is_enabled as lora_enabled
+from models.quantize import WEIGHT_FORMATS
 from models.sampler import check_length
 from objectives.reductions import add_metrics, finalize_metrics
 from parallel.distributed import maybe_initialize_distributed
@@ -135,13 +138,18 @@ class RLTrainer:
     self.algorithm = get_algorithm(config.objective.name)
     self.train_items = train_items
     rl = config.rl
-    # Stale rollouts weigh tokens by pi_old / mu: pi_old's pass is needed.
+    if rl.rollout_weights not in WEIGHT_FORMATS:
+      raise ValueError(f"config.rl.rollout_weights {rl.rollout_weights!r}: choose one of "
+                       f"{WEIGHT_FORMATS}")
+    # Stale rollouts weigh tokens by pi_old / mu: pi_old's pass is needed; so do int8
+    # rollouts (mu is the quantized policy).
+    quantized = rl.rollout_weights != "compute"
     skippable = (self.algorithm.reuses_log_probs and rl.epochs * rl.minibatches == 1
-                 and rl.staleness == 0)
+                 and rl.staleness == 0 and not quantized)
     if old_log_probs_forward is False and not skippable:
       raise ValueError(f"{self.algorithm.name} with {rl.epochs} epoch(s) x {rl.minibatches} "
-                       f"minibatch(es) and staleness {rl.staleness} needs pi_old's forward "
-                       "pass")
+                       f"minibatch(es), staleness {rl.staleness} and {rl.rollout_weights} "
+                       "rollout weights needs pi_old's forward pass")
     self.old_log_probs_forward = (not skippable if old_log_probs_forward is None
                                   else old_log_probs_forward)
     spec = build_actor_critic_spec(config.model, self.algorithm.value_source(config))
@@ -189,7 +197,8 @@ class RLTrainer:
                                                top_p=rl.top_p))
     self.train_step = self.setup.train_step()
     self.rollouts = None
-    if stale_rollouts or (stale_rollouts is None and (rl.staleness or rollout_mesh)):
+    if stale_rollouts or (stale_rollouts is None
+                          and (rl.staleness or rollout_mesh or quantized)):
       ways = batch_shards(rollout_mesh or self.mesh, self.rules)
       if (rl.prompts_per_iteration * rl.samples_per_prompt) % ways:
         raise ValueError(f"config.rl.rollout_devices {rl.rollout_devices}: the "

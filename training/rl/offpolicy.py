@@ -33,6 +33,13 @@ weighted by w = min(pi_old / mu, C), C = `config.rl.max_importance_ratio`: trunc
 importance sampling (objectives/ppo.py `truncated_weights`, objectives/grpo.py). Online DPO
 (preference pairs) is trained on the stale pairs as they are.
 
+Int8 rollouts (`config.rl.rollout_weights` "int8", models/quantize.py): the sampler reads
+weight-only int8 matrices, so mu is the quantized policy even at k = 0, and its log-probs
+come from the same forward pass on the same quantized weights (`sampling_params`); the
+correction is the same (the rollout mismatch between a fast sampler and the trained model that
+truncated importance sampling was proposed for, Yao et al., 2025). It costs that forward pass
+per iteration; at k = 0 it runs on the training mesh right after the sampling.
+
 Figures (train/*): staleness (t - b), importance_weight (mean w per reply token),
 importance_truncated (the share of tokens where the cap binds), behaviour_kl (per reply, the
 k1 estimate of KL(mu || pi_old), sum_t log mu - log pi_old, on mu's samples).
@@ -58,6 +65,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data.prompts import PromptItem
+from models.sampler import sampling_params
 from objectives.ppo import truncated_weights
 from parallel.host_data import to_global, to_host
 from parallel.mesh import make_mesh
@@ -155,7 +163,7 @@ class StaleRollouts:
     # On the training mesh the engine's own sampler (compiled once) serves.
     self.sample_fn = engine.rollout_sampler if mesh is None else engine.make_sampler(
         rl.max_new_tokens, mesh=mesh, temperature=rl.temperature, top_k=rl.top_k,
-        top_p=rl.top_p)
+        top_p=rl.top_p, weights=engine.rollout_weights)
     self.param_shardings = tree_shardings(spec.logical_axes, spec.shapes, self.mesh, rules)
     self.abstract_params = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), spec.shapes,
@@ -166,9 +174,15 @@ class StaleRollouts:
                               out_shardings=self.param_shardings)
     replicated = NamedSharding(self.mesh, P())
 
+    # mu's log-probs: the training forward pass on the weights as the sampler holds them
+    # (int8 rollouts: quantized; else the compute dtype, exactly the params' own results).
+    self.quantized = engine.rollout_weights != "compute"
+    weights = engine.rollout_weights
+
     def behaviour(params, rows):
       with use_mesh_rules(self.mesh, rules):
-        return response_log_probs(spec.bind(params), rows, rows["mask"].shape[1]) * rows["mask"]
+        model = spec.bind(sampling_params(spec, params, weights))
+        return response_log_probs(model, rows, rows["mask"].shape[1]) * rows["mask"]
 
     self._behaviour = jax.jit(behaviour, out_shardings=replicated)
     self.in_flight: dict[int, _InFlight] = {}
@@ -230,7 +244,7 @@ class StaleRollouts:
     rollout, times, figures = self.draw_iteration(
         _Drawer(self.engine, self.sample_fn, self.mesh, flight.first), flight.params, t)
     behaviour, spent = None, 0.0
-    if k > 0:  # queued before t + k's sampling on the rollout devices
+    if k > 0 or self.quantized:  # queued before t + k's sampling on the rollout devices
       start = time.perf_counter()
       rows = dict(rollout.batch_rows(np.arange(len(rollout.mask))), mask=rollout.mask)
       behaviour = self._behaviour(flight.params, to_global(rows, self.mesh, self.rules))

@@ -190,8 +190,12 @@ class RolloutEngine:
     # With config.rl.tools every reply is a multi-turn episode (training/rl/episodes.py).
     self.episodes = EpisodeSampler.from_config(config, tokenizer, self.stops, mesh, rules)
     rl = config.rl
+    # The rollouts' weights: the compute dtype or weight-only int8 (models/quantize.py;
+    # training/rl/offpolicy.py corrects for the quantized behaviour policy).
+    self.rollout_weights = rl.rollout_weights
     self._sample = self.make_sampler(rl.max_new_tokens, temperature=rl.temperature,
-                                     top_k=rl.top_k, top_p=rl.top_p)
+                                     top_k=rl.top_k, top_p=rl.top_p,
+                                     weights=self.rollout_weights)
     replicated = NamedSharding(mesh, P())
 
     def forward(params, ref_params, rows, policy: bool):
