@@ -86,7 +86,8 @@ _SUBCOMMAND_FLAGS = {
     "ppo": _COMMON_FLAGS + ("remat", "prompts", "prompt_len", "new_tokens", "repeats",
                             "temperature"),
     "grpo": _COMMON_FLAGS + ("remat", "prompts", "samples", "prompt_len", "new_tokens",
-                             "repeats", "temperature", "old_log_probs_forward"),
+                             "repeats", "temperature", "old_log_probs_forward",
+                             "sample_weights"),
     "dpo": _COMMON_FLAGS + ("remat", "steps", "pairs", "pair_prompt_len", "pair_reply_len"),
 }
 _WARMUP = {"clm": 2, "generate": 1, "ppo": 1, "grpo": 1, "dpo": 1}
@@ -140,9 +141,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("repeats", 3, "generate, ppo, grpo: timed calls / iterations (median).")
   flags.DEFINE_float("temperature", 1.0, "generate, ppo, grpo: sampling temperature (0: "
                      "greedy).")
-  flags.DEFINE_enum("sample_weights", "compute", ["compute", "int8"], "generate: the "
+  flags.DEFINE_enum("sample_weights", "compute", ["compute", "int8"], "generate, grpo: the "
                     "sampler's matrices in the compute dtype or weight-only int8 "
-                    "(models/quantize.py).")
+                    "(models/quantize.py; grpo: rl.rollout_weights).")
   # grpo.
   flags.DEFINE_integer("samples", 4, "grpo: replies per prompt (the group size G).")
   flags.DEFINE_bool("old_log_probs_forward", False, "grpo: run the policy's pi_old pass even "
@@ -252,7 +253,8 @@ def run_grpo() -> dict[str, Any]:
   result = add_mfu(benchmark_grpo(config, prompts=_prompts("grpo"), samples=f.samples,
                                   new_tokens=_new_tokens("grpo"), prompt_len=f.prompt_len,
                                   repeats=f.repeats, warmup=_warmup("grpo"),
-                                  old_log_probs_forward=f.old_log_probs_forward),
+                                  old_log_probs_forward=f.old_log_probs_forward,
+                                  weights=f.sample_weights),
                    config.model.dtype)
   print(format_grpo(result))
   print(format_mfu(result))

@@ -11,6 +11,8 @@ reference's log-probs for the k3 KL in the loss, then one update. The phases:
   score_s      reward model at the last token + reference log-probs, and the policy's own
                log-probs (pi_old) only where the update needs them
   update_s     the GRPO train step(s)
+  behaviour_s  int8 rollouts only (`weights="int8"`): the behaviour policy's log-probs, a
+               forward pass on the quantized weights (training/rl/offpolicy.py)
 
 With one epoch of one minibatch (the preset) the update is on-policy and the rollout skips the
 policy's pass (training/rl/loop.py); `old_log_probs_forward=True` runs it anyway, to measure
@@ -33,25 +35,29 @@ from models.build import count_params
 from scripts.benchmarks.ppo import ppo_flops, run_rl_iterations
 
 
-def grpo_flops(config: ml_collections.ConfigDict, old_log_probs_forward: bool
-               ) -> dict[str, int]:
+def grpo_flops(config: ml_collections.ConfigDict, old_log_probs_forward: bool,
+               behaviour_forward: bool = False) -> dict[str, int]:
   """Model FLOPs of one GRPO iteration of `config` by phase: scripts/benchmarks/ppo.py's
-  `ppo_flops` with no value function, less the policy's scoring pass when it is skipped.
+  `ppo_flops` with no value function, less the policy's scoring pass when it is skipped, plus
+  the behaviour pass of int8 rollouts (`behaviour_forward`).
 
   Returns:
-    {'generate', 'score', 'update'}: FLOPs of each phase.
+    {'generate', 'score', 'update'} (and 'behaviour'): FLOPs of each phase.
   """
   flops = ppo_flops(config)
+  # An update is the policy's forward and backward (3 forwards) per epoch.
+  policy_forward = flops["update"] // (3 * config.rl.epochs)
   if not old_log_probs_forward:
-    # An update is the policy's forward and backward (3 forwards) per epoch.
-    flops["score"] -= flops["update"] // (3 * config.rl.epochs)
+    flops["score"] -= policy_forward
+  if behaviour_forward:
+    flops["behaviour"] = policy_forward
   return flops
 
 
 def benchmark_grpo(config: ml_collections.ConfigDict | None = None, *, prompts: int = 4,
                    samples: int = 4, new_tokens: int = 64, prompt_len: int = 64,
                    repeats: int = 3, warmup: int = 1, old_log_probs_forward: bool = False,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, weights: str = "compute") -> dict[str, Any]:
   """Times GRPO iterations of `config` (default configs/grpo.py:bench).
 
   Args:
@@ -66,10 +72,12 @@ def benchmark_grpo(config: ml_collections.ConfigDict | None = None, *, prompts: 
     warmup: untimed iterations before them (the first one compiles).
     old_log_probs_forward: run the policy's scoring pass even where the update is on-policy.
     seed: of the prompts.
+    weights: the rollouts' sampling weights, `config.rl.rollout_weights` ("compute" or
+      "int8": then pi_old's pass runs and mu's pass is timed as `behaviour_s`).
 
   Returns:
-    A flat dict: `iteration_s`, `generate_s`, `score_s`, `update_s` (medians over `repeats`
-    timed iterations) and their `*_mean`, `new_tokens` per iteration, `new_tokens_per_sec`,
+    A flat dict: `iteration_s`, `generate_s`, `score_s`, `update_s` (and `behaviour_s` with
+    int8 rollouts; medians over `repeats` timed iterations) and their `*_mean`, `new_tokens` per iteration, `new_tokens_per_sec`,
     `updates` per iteration, `old_log_probs_forward` (whether the pass ran), `*_flops` per
     iteration by phase (`grpo_flops`), `model_flops_per_sec`, the shapes, and
     `first_iteration_s`.
@@ -82,7 +90,8 @@ def benchmark_grpo(config: ml_collections.ConfigDict | None = None, *, prompts: 
   config.reward.update(dict(function="", model=""))
   config.data.chat_template = "default"
   config.rl.update(dict(prompts_per_iteration=prompts, samples_per_prompt=samples,
-                        max_prompt_len=prompt_len, max_new_tokens=new_tokens))
+                        max_prompt_len=prompt_len, max_new_tokens=new_tokens,
+                        rollout_weights=weights))
   config.train.update(dict(steps=warmup + repeats, eval_every=0))
   trainer, records = run_rl_iterations(
       config, prompts=prompts, prompt_len=prompt_len, iterations=warmup + repeats, seed=seed,
@@ -101,13 +110,16 @@ def benchmark_grpo(config: ml_collections.ConfigDict | None = None, *, prompts: 
          "new_tokens_per_reply": new_tokens,
          "updates": config.rl.epochs * config.rl.minibatches, "repeats": repeats,
          "warmup": warmup, "old_log_probs_forward": trainer.old_log_probs_forward,
+         "weights": weights,
          "first_iteration_s": records[0]["perf/iteration_s"],
          "response_length": response_length, "new_tokens": int(round(rows * response_length)),
          "final_loss": timed[-1]["train/loss"]}
-  for key in ("iteration_s", "generate_s", "score_s", "update_s"):
+  behaviour = weights != "compute"
+  for key in ("iteration_s", "generate_s", "score_s", "update_s") + (
+      ("behaviour_s",) if behaviour else ()):
     out[key], out[f"{key}_mean"] = median(key), mean(key)
   out["new_tokens_per_sec"] = out["new_tokens"] / out["generate_s"]
-  flops = grpo_flops(config, trainer.old_log_probs_forward)
+  flops = grpo_flops(config, trainer.old_log_probs_forward, behaviour)
   out.update({f"{phase}_flops": f for phase, f in flops.items()})
   out["model_flops_per_sec"] = sum(flops.values()) / out["iteration_s"]
   return out
@@ -122,7 +134,9 @@ def format_grpo(result: dict[str, Any]) -> str:
       f"grpo: {result['params'] / 1e6:.1f}M params, {result['prompts']} prompts x "
       f"{result['samples']} samples x {result['new_tokens_per_reply']} new tokens (prompts of "
       f"{result['prompt_len']}), {result['loss_type']} loss, KL coef {result['kl_coef']}, "
-      f"{result['updates']} update(s), {result['dtype']}, {result['devices']} "
+      f"{result['updates']} update(s), {result['dtype']}"
+      + (" with int8 rollouts" if result.get("weights") == "int8" else "")
+      + f", {result['devices']} "
       f"{result['platform']} device(s)",
       f"iteration        {result['iteration_s']:.2f} s median of {result['repeats']} (first, "
       f"compiling: {result['first_iteration_s']:.1f} s)",
@@ -131,5 +145,7 @@ def format_grpo(result: dict[str, Any]) -> str:
       f"  scoring        {result['score_s']:.2f} s (reward model, reference, {old}; "
       f"{rate('score'):.1f} G model FLOP/s)",
       f"  update         {result['update_s']:.2f} s ({rate('update'):.1f} G model FLOP/s)",
+  ] + ([f"  behaviour      {result['behaviour_s']:.2f} s (int8 rollouts' mu pass; "
+        f"{rate('behaviour'):.1f} G model FLOP/s)"] if "behaviour_s" in result else []) + [
       f"model FLOP/s     {result['model_flops_per_sec'] / 1e9:.1f} G over the iteration",
   ])

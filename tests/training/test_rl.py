@@ -349,4 +349,11 @@ def test_benchmark_grpo_flops_and_report():
                 **{f"{k}_flops": v for k, v in skipped.items()})
   assert "no pi_old pass: on-policy, skipped" in format_grpo(result)
   assert "policy's pi_old pass" in format_grpo(dict(result, old_log_probs_forward=True))
+  # Int8 rollouts: pi_old's pass runs, and mu's pass costs one more policy forward.
+  int8 = grpo_flops(config, True, behaviour_forward=True)
+  assert int8["behaviour"] == full["update"] // 3 and int8["score"] == full["score"]
+  text = format_grpo(dict(result, old_log_probs_forward=True, weights="int8", behaviour_s=0.5,
+                          **{f"{k}_flops": v for k, v in int8.items()}))
+  assert "with int8 rollouts" in text
+  assert f"behaviour      0.50 s (int8 rollouts' mu pass; {int8['behaviour'] / 0.5e9:.1f} G" in text
 
