@@ -8,6 +8,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -102,17 +103,15 @@ def _dequantized(spec, params):
                       is_leaf=lambda x: isinstance(x, Int8Weight))
 
 
-@pytest.fixture(scope="module")
-def llama():
-  return Model()
-
-
-def test_int8_sampler_equals_full_forward_of_the_dequantized_weights(llama):
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_sampler_equals_full_forward_of_the_dequantized_weights(tied):
   """Greedy int8 decoding == argmax recomputation with the dequantized weights, and its
-  log-probs are theirs: the cached decode loop reads the Int8Weights it was given."""
+  log-probs are theirs: the cached decode loop reads the Int8Weights it was given (the tied
+  table both as the head and, row by row, as the lookup)."""
+  llama = Model(tie_embeddings=tied)
   out = generate(llama.spec, llama.params, PROMPTS, max_new_tokens=MAX_NEW, eos_id=-1,
                  prompt_bucket=8, weights="int8")
-  reference = Model()
+  reference = Model(tie_embeddings=tied)
   reference.params = _dequantized(llama.spec, llama.params)
   expected = reference.greedy_by_recomputation(PROMPTS, MAX_NEW)
   np.testing.assert_array_equal(out.tokens, expected)
@@ -129,6 +128,26 @@ def test_int8_sampler_equals_full_forward_of_the_dequantized_weights(llama):
   np.testing.assert_array_equal(kept.tokens, out.tokens)
   with pytest.raises(ValueError, match="unknown sampling weights"):
     Sampler(llama.spec, weights="int4")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sharded_int8_generation_equals_unsharded(tied):
+  """On a data 2 x fsdp 2 x tensor 2 mesh (weights and their scales sharded as the params
+  are; the tied table's rows gathered as int8) the int8 sampler generates what it generates on
+  one device."""
+  cfg = small_config(tie_embeddings=tied)
+  spec = build_model_spec(cfg)
+  params = spec.init(jax.random.PRNGKey(0))
+  mesh = make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2, dcn_data=1,
+                                                  dcn_fsdp=1, dcn_tensor=1)))
+  rules = get_rules("fsdp_tp")
+  kw = dict(max_new_tokens=MAX_NEW, eos_id=-1, prompt_bucket=8, weights="int8",
+            temperature=1.0, rng=jax.random.PRNGKey(5))
+  plain = generate(spec, params, PROMPTS, **kw)
+  sharded = generate(spec, jax.device_put(params, tree_shardings(
+      spec.logical_axes, spec.shapes, mesh, rules)), PROMPTS, mesh=mesh, rules=rules, **kw)
+  np.testing.assert_array_equal(sharded.tokens, plain.tokens)
+  np.testing.assert_allclose(sharded.log_probs, plain.log_probs, atol=1e-5)
 
 
 def _unfused_int8_readers(text: str, weight_shapes: set) -> tuple[int, list[str]]:
