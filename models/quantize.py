@@ -14,6 +14,7 @@ axes `layers` and `expert` aside: a matrix whose first axis is `embed` (q, k, v,
 LM head) contracts it; the embedding table `[vocab, embed]` contracts `embed` (as the tied LM
 head; a row scale for the lookup too); any other (o `[heads, head_dim, embed]`, down
 `[mlp, embed]`) contracts every axis but its last. Each weight is off by at most scale / 2.
+MoE experts stay in the compute dtype (`KEEP_AXES`).
 
 Only the sampler uses this, for RL rollouts and benchmarks (`config.rl.rollout_weights`,
 `scripts.benchmark generate --sample_weights int8`): training keeps its float weights. An RL
@@ -26,8 +27,8 @@ forward pass on the same int8 weights.
 stack slices it layer by layer like any param. The layers take a matrix through
 `layers.matrix`, which passes an Int8Weight on to `layers.dense` (the product with q, the
 output scaled: the compiler fuses q's convert into the product, so a decode step reads a byte
-per weight; a test checks the TPU program for it). MoE experts and any other reader get the
-dequantized w' = float32(q) * scale in the compute dtype from `param[...]`.
+per weight; a test checks the TPU program for it). Any other reader gets the dequantized
+w' = float32(q) * scale in the compute dtype from `param[...]`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ import jax.numpy as jnp
 # Param names never quantized: the MoE router runs in float32 (models/moe.py) and the
 # untied input tables are only gathered from (a step reads `batch` rows of them).
 KEEP = ("router", "pos_embed", "type_embed")
+# Matrices stacked along this axis stay in the compute dtype: the MoE experts, whose grouped
+# products (jax.lax.ragged_dot) XLA:TPU fed int8 weights by writing a converted copy of every
+# layer's experts each step (more bytes than bfloat16 weights; tests/models/test_quantize.py).
+KEEP_AXES = ("expert",)
 # Logical axes that stack matrices rather than belong to one.
 STACK_AXES = ("layers", "expert")
 WEIGHT_FORMATS = ("compute", "int8")
@@ -156,6 +161,7 @@ def quantize_params(spec, params):
     name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
     axes = contracted_axes(names)
     if (not axes or not jnp.issubdtype(x.dtype, jnp.floating) or name in KEEP
+        or any(axis in KEEP_AXES for axis in names)
         or any(str(getattr(k, "key", k)) in KEEP for k in path)
         or (name == "embed" and len(path) == 1 and not tied)):
       return x

@@ -23,6 +23,7 @@ from parallel.tpu_topology import parse_topology, topology_devices
 from tests.models.test_decoder import small_config
 from tests.models.test_sampler import MAX_NEW, PROMPTS, Model
 
+MOE = dict(num_experts=4, experts_per_token=2, expert_mlp_dim=32)
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e .[tpu])")
 
@@ -67,22 +68,24 @@ def test_contracted_axes_of_every_matrix_kind():
     assert contracted_axes(names) == axes, names
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_quantize_params_picks_the_matrices(tied):
-  cfg = small_config(dtype="bfloat16", tie_embeddings=tied, num_experts=4,
-                     experts_per_token=2, expert_mlp_dim=32)
+@pytest.mark.parametrize("tied,moe", [(False, False), (True, False), (False, True)])
+def test_quantize_params_picks_the_matrices(tied, moe):
+  cfg = small_config(dtype="bfloat16", tie_embeddings=tied, **(MOE if moe else {}))
   spec = build_model_spec(cfg)
   params = spec.init(jax.random.PRNGKey(0))
   held = sampling_params(spec, params, "int8")
   kinds = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(
       held, is_leaf=lambda x: isinstance(x, Int8Weight))}
   quantized = {k for k, v in kinds.items() if isinstance(v, Int8Weight)}
-  for name in ("'q'", "'k'", "'v'", "'o'", "'gate'", "'up'", "'down'"):
+  for name in ("'q'", "'k'", "'v'", "'o'") + (() if moe else ("'gate'", "'up'", "'down'")):
     assert any(name in k for k in quantized), name
   assert (any(k == "['embed']" for k in quantized)) == tied
   assert not any("router" in k or "norm" in k for k in quantized)
-  router = [v for k, v in kinds.items() if k.endswith("['router']")]
-  assert len(router) == 1 and router[0].dtype == jnp.float32
+  if moe:  # the router in float32, the experts in the compute dtype (KEEP_AXES)
+    router = [v for k, v in kinds.items() if k.endswith("['router']")]
+    assert len(router) == 1 and router[0].dtype == jnp.float32
+    experts = [v for k, v in kinds.items() if "['mlp']" in k and "router" not in k]
+    assert len(experts) == 3 and {v.dtype for v in experts} == {jnp.dtype(jnp.bfloat16)}
   if not tied:
     assert "['lm_head']" in quantized and kinds["['embed']"].dtype == jnp.bfloat16
   # The scales keep the stacked axes: the scanned layers slice them with their values.
@@ -103,15 +106,15 @@ def _dequantized(spec, params):
                       is_leaf=lambda x: isinstance(x, Int8Weight))
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_int8_sampler_equals_full_forward_of_the_dequantized_weights(tied):
+@pytest.mark.parametrize("overrides", [dict(), dict(tie_embeddings=True), MOE])
+def test_int8_sampler_equals_full_forward_of_the_dequantized_weights(overrides):
   """Greedy int8 decoding == argmax recomputation with the dequantized weights, and its
   log-probs are theirs: the cached decode loop reads the Int8Weights it was given (the tied
-  table both as the head and, row by row, as the lookup)."""
-  llama = Model(tie_embeddings=tied)
+  table both as the head and, row by row, as the lookup; beside MoE experts)."""
+  llama = Model(**overrides)
   out = generate(llama.spec, llama.params, PROMPTS, max_new_tokens=MAX_NEW, eos_id=-1,
                  prompt_bucket=8, weights="int8")
-  reference = Model(tie_embeddings=tied)
+  reference = Model(**overrides)
   reference.params = _dequantized(llama.spec, llama.params)
   expected = reference.greedy_by_recomputation(PROMPTS, MAX_NEW)
   np.testing.assert_array_equal(out.tokens, expected)
@@ -187,8 +190,8 @@ def _unfused_int8_readers(text: str, weight_shapes: set) -> tuple[int, list[str]
 
 
 @needs_libtpu
-@pytest.mark.parametrize("tied", [False, True])
-def test_tpu_sampler_multiplies_int8_weights_in_place(tied):
+@pytest.mark.parametrize("overrides", [dict(), dict(tie_embeddings=True), MOE])
+def test_tpu_sampler_multiplies_int8_weights_in_place(overrides):
   """Compiled for a v5e chip from this host, the int8 sampler feeds every int8 weight (a
   layer's slice of the stacked array, the LM head) straight into its matrix product: no
   fusion writes a dequantized copy, so a decode step reads a byte per weight. (Scaling the
@@ -196,7 +199,7 @@ def test_tpu_sampler_multiplies_int8_weights_in_place(tied):
   config = pretrain.get_config("tiny")
   config.model.update(dict(d_model=256, num_layers=2, num_heads=4, num_kv_heads=2,
                            mlp_dim=512, vocab_size=512, dtype="bfloat16", scan_layers=True,
-                           tie_embeddings=tied))
+                           **overrides))
   devices = topology_devices(parse_topology("v5e:1x1"))
   mesh, rules = make_mesh(config.mesh, devices), get_rules(config.mesh.rules)
   spec = build_model_spec(config.model)
@@ -215,6 +218,8 @@ def test_tpu_sampler_multiplies_int8_weights_in_place(tied):
     if axes:
       inner = [d for n, d in zip(names, shape.shape) if n not in ("layers", "expert")]
       weight_shapes.add(tuple(sorted(inner)))
+      # A layer's experts, all of them: [experts, *inner].
+      weight_shapes.add(tuple(sorted(d for n, d in zip(names, shape.shape) if n != "layers")))
       first = len(axes) if axes[0] == len(names) - len(inner) else len(inner) - len(axes)
       weight_shapes.add(tuple(sorted([math.prod(inner[:first]), math.prod(inner[first:])])))
   readers, stray = _unfused_int8_readers(
