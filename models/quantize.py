@@ -51,6 +51,12 @@ STACK_AXES = ("layers", "expert")
 WEIGHT_FORMATS = ("compute", "int8")
 
 
+def check_format(weights: str, what: str = "sampling weights") -> None:
+  """Raises ValueError naming `what` unless `weights` is one of WEIGHT_FORMATS."""
+  if weights not in WEIGHT_FORMATS:
+    raise ValueError(f"unknown {what} {weights!r}; choose one of {WEIGHT_FORMATS}")
+
+
 
 @jax.tree_util.register_pytree_node_class
 class Int8Weight:

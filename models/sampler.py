@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import kv_cache
-from models.quantize import WEIGHT_FORMATS, Int8Weight, quantize_params
+from models.quantize import Int8Weight, check_format, quantize_params
 from models.build import ModelSpec, Params
 from parallel.rules import Rules, batch_sharding, constrain, logical_to_spec, use_mesh_rules
 
@@ -147,8 +147,7 @@ def compute_dtype_params(spec: ModelSpec, params: Params) -> Params:
 def sampling_params(spec: ModelSpec, params: Params, weights: str = "compute") -> Params:
   """The weights a sampler reads: `compute_dtype_params`, or with `weights="int8"` every
   matrix but the untied input tables and the router as models/quantize.py's Int8Weight."""
-  if weights not in WEIGHT_FORMATS:
-    raise ValueError(f"unknown sampling weights {weights!r}; choose one of {WEIGHT_FORMATS}")
+  check_format(weights)
   held = compute_dtype_params(spec, params)
   if weights == "compute":
     return held
@@ -175,7 +174,11 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
   With `mesh` and `rules` the computation is traced under `use_mesh_rules`, so activations and
   the cache are sharded like training's (batch over the data axes, heads over `tensor`); the
   batch must then divide over the mesh axes that `batch` maps to.
+
+  `weights`: "compute" (every matrix in the compute dtype) or "int8" (weight-only int8,
+  models/quantize.py; the log-probs are then those of the quantized model).
   """
+  check_format(weights)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if (mesh is None) != (rules is None):
@@ -261,8 +264,7 @@ class Sampler:
     """`weights`: as `make_sampler`'s, for every call."""
     if (mesh is None) != (rules is None):
       raise ValueError("pass both mesh and rules, or neither")
-    if weights not in WEIGHT_FORMATS:
-      raise ValueError(f"unknown sampling weights {weights!r}; choose one of {WEIGHT_FORMATS}")
+    check_format(weights)
     self.spec, self.mesh, self.rules, self.weights = spec, mesh, rules, weights
     self._compiled: dict[tuple, Callable] = {}
 

@@ -58,7 +58,7 @@ from data.verifiers import get_answer_checker, get_reward_function
 from data.prompts import load_prompts
 from models.build import build_model_spec
 from models.lora import is_enabled as lora_enabled
-from models.quantize import WEIGHT_FORMATS
+from models.quantize import check_format
 from models.sampler import check_length
 from objectives.reductions import add_metrics, finalize_metrics
 from parallel.distributed import maybe_initialize_distributed
@@ -138,9 +138,7 @@ class RLTrainer:
     self.algorithm = get_algorithm(config.objective.name)
     self.train_items = train_items
     rl = config.rl
-    if rl.rollout_weights not in WEIGHT_FORMATS:
-      raise ValueError(f"config.rl.rollout_weights {rl.rollout_weights!r}: choose one of "
-                       f"{WEIGHT_FORMATS}")
+    check_format(rl.rollout_weights, "config.rl.rollout_weights")
     # Stale rollouts weigh tokens by pi_old / mu: pi_old's pass is needed; so do int8
     # rollouts (mu is the quantized policy).
     quantized = rl.rollout_weights != "compute"
