@@ -44,5 +44,10 @@ setup(
         # jax's own extra pins the libtpu built for the installed jax; compile_check uses it
         # to compile for TPU topologies on any machine.
         "tpu": ["jax[tpu]"],
+        # The CUDA plugin at the installed jax's version, without the CUDA libraries:
+        # scripts/decode_check.py compiles for a GPU with it on any machine (and
+        # tests/scripts/test_decode_check.py runs). Not in `test`: a plugin that JAX loads at
+        # start-up logs a line on every run of a machine without a GPU.
+        "gpu_aot": ["jax[cuda12-local]"],
     },
 )

@@ -137,6 +137,23 @@ class BlockStack(nnx.Module):
       self.moe_aux = nnx.Intermediate(jax.tree.map(jnp.mean, aux))
     return x
 
+  def unroll(self) -> None:
+    """Sampling: from now on a cached call runs the layers unrolled, each from its own
+    arrays, sliced out of the stack here, once (a no-op without `scan_layers`).
+
+    The sampler calls this between the prefill and the decode loop (models/sampler.py), so
+    the slices are taken once per call, outside the loop. A scanned decode step instead slices
+    every layer's weights out of the stack each step, and XLA:GPU copies each slice into a new
+    buffer before its GEMM: the step then moves every weight three times, not once.
+    """
+    if not self.scan or getattr(self, "unrolled", None) is not None:
+      return
+    graphdef, state = nnx.split(self.layers)
+    # States, not modules: each call merges its blocks anew (`_cached_call`).
+    self.unrolled_graphdef = graphdef
+    self.unrolled = nnx.data([jax.tree.map(lambda a, i=i: a[i], state)
+                              for i in range(jax.tree.leaves(state)[0].shape[0])])
+
   def _cached_call(self, x, *, positions, segment_ids, cache: kv_cache.KVCache):
     # Inference only, so no remat. Layers only read their cache slice and hand back the new
     # tokens' keys / values; one write after the last layer updates the big loop-carried
@@ -147,7 +164,8 @@ class BlockStack(nnx.Module):
       moe_lib.pop_aux(block)  # routing losses serve training only
       return out
 
-    if self.scan:
+    unrolled = getattr(self, "unrolled", None)
+    if self.scan and unrolled is None:
       graphdef, state = nnx.split(self.layers)
       def body(h, xs, local):
         layer_state, k, v = xs
@@ -156,11 +174,23 @@ class BlockStack(nnx.Module):
                                       self.period)
     else:
       news = []
-      for i, block in enumerate(self.layers):
-        x, kv = layer(x, block, cache.k[i], cache.v[i], self.kinds and self.kinds[i])
+      # Each block merged anew, in this trace: in the sampler's decode loop a block made
+      # outside it could not store an MoE layer's routing losses.
+      parts = ([nnx.split(block) for block in self.layers] if unrolled is None else
+               [(self.unrolled_graphdef, state) for state in unrolled])
+      for i, (graphdef, state) in enumerate(parts):
+        x, kv = layer(x, nnx.merge(graphdef, state), cache.k[i], cache.v[i],
+                      self.kinds and self.kinds[i])
         news.append(kv)
-      k_new, v_new = (jnp.stack(parts) for parts in zip(*news))
+      k_new, v_new = (jnp.stack(per_layer) for per_layer in zip(*news))
     return x, kv_cache.append(cache, k_new, v_new, segment_ids)
+
+
+def unroll_layers(model: nnx.Module) -> None:
+  """`BlockStack.unroll` on every layer stack of `model` (a decoder, or a module holding one)."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, BlockStack):
+      node.unroll()
 
 
 class Decoder(nnx.Module):

@@ -28,6 +28,16 @@ gate and up (and q, k, v) weights into a new buffer every step. Decoding reads e
 once per step, so that copy is pure memory traffic: on an H200 it was a third of the 1B
 decode step (README, "Benchmarks").
 
+On GPU the decode steps run the layers unrolled (`make_sampler`'s `unroll`). A scanned layer
+loop slices each layer's weights out of the stacked array every step, and XLA:GPU copies every
+such slice into a new buffer before its GEMM reads it (cuBLAS and Triton read whole buffers):
+compiled for an H200, the 1B model's scanned decode step runs 518 kernels moving 4.9 GiB for
+1.95 GiB of weights and cache; unrolled, with the slices taken once per call before the loop,
+307 kernels moving 2.05 GiB (scripts/decode_check.py reads these from the compiled program).
+With int8 weights the GPU sampler also turns XLA's Triton GEMMs back on
+(`GPU_INT8_COMPILER_OPTIONS`), which read int8 weights in the kernel.
+XLA:TPU reads a layer's slice in place, so TPU (and CPU) keep the scan and its short compile.
+
 Log-probs: `log_probs[b, t] = log softmax(logits)[token]` of the *unmodified* model distribution
 (temperature 1, no top-k / top-p cut), i.e. what a training forward pass over the same tokens
 gives: the behaviour log-probs RL objectives need, whatever the sampling settings.
@@ -43,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import kv_cache
+from models.decoder import unroll_layers
 from models.quantize import Int8Weight, check_format, quantize_params
 from models.build import ModelSpec, Params
 from parallel.rules import Rules, batch_sharding, constrain, logical_to_spec, use_mesh_rules
@@ -50,6 +61,10 @@ from parallel.rules import Rules, batch_sharding, constrain, logical_to_spec, us
 PROMPT_BUCKET = 64
 # XLA debug options the sampler is compiled with (module docstring).
 SAMPLER_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "dot-merger"}
+# Added on GPU with int8 weights: XLA's Triton GEMMs, which read the int8 weights and convert
+# them in the kernel. cuBLAS (parallel/xla_settings.py turns Triton GEMMs off) takes no int8 x
+# bfloat16 product, so XLA would first write every weight out converted, each step.
+GPU_INT8_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": True}
 # Matrices that a layer uses in float32 rather than the compute dtype (models/moe.py's router).
 FULL_PRECISION_PARAMS = ("router",)
 
@@ -156,10 +171,21 @@ def sampling_params(spec: ModelSpec, params: Params, weights: str = "compute") -
                       held, is_leaf=is_int8)
 
 
+def sampler_platform(mesh=None) -> str:
+  """The platform a sampler on `mesh` (None: the default devices) compiles for."""
+  return (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+
+
+def unrolls_decode(mesh=None, unroll: bool | None = None) -> bool:
+  """Whether `make_sampler(..., mesh=mesh, unroll=unroll)` runs its decode steps unrolled."""
+  return sampler_platform(mesh) == "gpu" if unroll is None else unroll
+
+
 def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: int = 0,
                  stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, mesh=None, rules: Rules | None = None,
-                 weights: str = "compute") -> Callable[..., dict[str, jax.Array]]:
+                 weights: str = "compute", unroll: bool | None = None
+                 ) -> Callable[..., dict[str, jax.Array]]:
   """A jitted `sample(params, prompt_tokens, prompt_lengths, rng) -> dict` for RL loops.
 
   Args of the returned function:
@@ -177,6 +203,12 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
 
   `weights`: "compute" (every matrix in the compute dtype) or "int8" (weight-only int8,
   models/quantize.py; the log-probs are then those of the quantized model).
+
+  `unroll`: run the decode steps with the layers unrolled, each layer's weights sliced out of
+  a scanned stack once per call, before the decode loop (models/decoder.py
+  `BlockStack.unroll`); the prefill keeps the scan. None: on GPU only, where a scanned step
+  copies every layer's weights out of the stack before their GEMMs (module doc). Same tokens
+  either way; it costs compile time and, while sampling, the memory of the sliced copy.
   """
   check_format(weights)
   if max_new_tokens < 1:
@@ -187,6 +219,11 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
   sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
   stops = np.asarray(sorted({int(eos_id), *map(int, stop_ids)}), np.int32)
   cfg = spec.config
+  platform = sampler_platform(mesh)
+  unroll = unrolls_decode(mesh, unroll)
+  options = dict(SAMPLER_COMPILER_OPTIONS)
+  if platform == "gpu" and weights == "int8":
+    options.update(GPU_INT8_COMPILER_OPTIONS)
 
   def draw(logits, rng, step):
     """(token, unmodified log-prob, is_stop) for logits `[batch, vocab]`."""
@@ -209,6 +246,8 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
     log_probs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(log_prob)
     mask = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(1.0)
+    if unroll:  # the decode steps run the layers unrolled, each from its own arrays
+      unroll_layers(model)
 
     def cond(state):
       step, _, _, done, *_ = state
@@ -235,12 +274,12 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
                 lengths=mask.sum(-1).astype(jnp.int32))
 
   if mesh is None:
-    return jax.jit(sample, compiler_options=SAMPLER_COMPILER_OPTIONS)
+    return jax.jit(sample, compiler_options=options)
 
   def sharded_sample(*args):
     with use_mesh_rules(mesh, rules):
       return sample(*args)
-  return jax.jit(sharded_sample, compiler_options=SAMPLER_COMPILER_OPTIONS)
+  return jax.jit(sharded_sample, compiler_options=options)
 
 
 def check_length(spec: ModelSpec, prompt_len: int, max_new_tokens: int) -> None:

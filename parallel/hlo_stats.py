@@ -33,6 +33,7 @@ _CALLEE = re.compile(r"\b(calls|to_apply|body|condition)=%?([\w.\-]+)")
 _CALLEE_LIST = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 _WHILE = re.compile(r"\swhile\(.*\bcondition=%?([\w.\-]+).*\bbody=%?([\w.\-]+)")
 _CONSTANT = re.compile(r"\bs(?:32|64)\[\][^=]*constant\((\d+)\)")
+_KNOWN_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,17 @@ def loop_bound(condition: list[str]) -> int | None:
   return max(bounds) if bounds else None
 
 
+def trip_count(while_line: str, computations: dict[str, list[str]]) -> int | None:
+  """Iterations of the `while` instruction on `while_line`: the compiler's own count when it
+  states one (XLA:GPU's `known_trip_count`, which also counts a loop it unrolled by two for
+  double buffering correctly), else the condition's constant bound, else None."""
+  known = _KNOWN_TRIP_COUNT.search(while_line)
+  if known:
+    return int(known.group(1))
+  loop = _WHILE.search(while_line)
+  return loop_bound(computations.get(loop.group(1), [])) if loop else None
+
+
 def computation_multipliers(computations: dict[str, list[str]], entry: str
                             ) -> tuple[dict[str, int], int, int]:
   """(runs of each computation per run of `entry`, while loops, loops without a bound)."""
@@ -102,7 +114,7 @@ def computation_multipliers(computations: dict[str, list[str]], entry: str
       loop = _WHILE.search(line)
       if loop:
         loops += 1
-        bound = loop_bound(computations.get(loop.group(1), []))
+        bound = trip_count(line, computations)
         unbounded += bound is None
         factor_of[loop.group(2)] = bound or 1
       for _, callee in _CALLEE.findall(line):
@@ -158,3 +170,184 @@ def collective_stats(text: str) -> CollectiveStats:
       size[op] += runs[name] * _result_bytes(match.group(1), bool(match.group(3)))
   return CollectiveStats(count=count, bytes=size, static=static, loops=loops,
                          unbounded_loops=unbounded)
+
+
+# --- Kernels and memory traffic of a loop body (the sampler's decode step) ------------------
+
+# Instructions of a non-fused computation that launch no kernel: control flow, tuples,
+# aliases and constants (a loop's or branch's own kernels are counted in its computation).
+_NO_KERNEL = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while",
+              "conditional", "call", "after-all", "add-dependency", "opt-barrier",
+              "partition-id", "replica-id")
+# Ops through which a fused parameter is read element for element (followed to a slice).
+_PASS_THROUGH = ("convert", "bitcast", "copy", "reshape", "negate")
+_INSTRUCTION = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(,.*)?$")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+# What a fusion holds, for its kind: the ops below that appear in its fused computation.
+_KIND_OPS = ("dot", "convolution", "dynamic-slice", "dynamic-update-slice", "slice", "reduce",
+             "concatenate", "gather", "scatter", "transpose", "copy")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStats:
+  """Kernels one iteration of a loop launches and the memory they move (module below).
+
+  kernels: launches per iteration (nested loops times their trip counts);
+  read / written: bytes read and written by them, estimated from the compiled program;
+  by_kind: kind -> (launches, bytes read + written), a kind being a custom call's target
+  (`__cublas$lt$matmul`) or the sorted ops that a fusion holds ("copy,dynamic-slice": a
+  slice copied out of a bigger buffer).
+  """
+  kernels: int
+  read: int
+  written: int
+  by_kind: dict[str, tuple[int, int]]
+
+  def summary(self, top: int = 6) -> str:
+    kinds = sorted(self.by_kind.items(), key=lambda kv: -kv[1][1])[:top]
+    return (f"{self.kernels} kernels, {format_bytes(self.read)} read, "
+            f"{format_bytes(self.written)} written; "
+            + ", ".join(f"{kind or 'elementwise'} {n} x ({format_bytes(b)})"
+                        for kind, (n, b) in kinds))
+
+
+def _instructions(lines: list[str]) -> list[tuple[bool, str, str, str, list[str], str]]:
+  """(is root, name, result shape, opcode, operand names, attributes) of each instruction."""
+  out = []
+  for line in lines:
+    match = _INSTRUCTION.match(line)
+    if match:
+      root, name, shape, op, args, rest = match.groups()
+      out.append((bool(root), name, shape, op, _OPERAND.findall(args), rest or ""))
+  return out
+
+
+def _shape_bytes(shape_text: str) -> int:
+  return _result_bytes(shape_text, False)
+
+
+def _elements(shape_text: str) -> int:
+  match = _SHAPE.search(shape_text)
+  if not match:
+    return 0
+  n = 1
+  for d in filter(None, match.group(2).split(",")):
+    n *= int(d)
+  return n
+
+
+def _fusion_traffic(fused: list[str], operand_shapes: list[str], result_shape: str
+                    ) -> tuple[int, int]:
+  """(bytes read, bytes written) of a fusion running the fused computation `fused`.
+
+  A parameter is read whole, except one read only through slices (dynamic or static, or a
+  gather, possibly after converts and bitcasts: a scanned layer's slice of the stacked
+  weights, one layer's slice of the KV cache), counted as the slices' share of it, and one only
+  updated in place (the buffer of a dynamic-update-slice), not read. The result is written
+  whole, except an in-place dynamic-update-slice, which writes its update.
+  """
+  instructions = _instructions(fused)
+  shapes = {name: shape for _, name, shape, *_ in instructions}
+  users: dict[str, list[tuple[str, str, int]]] = {}
+  params: dict[str, int] = {}
+  for _, name, _, op, operands, _ in instructions:
+    if op == "parameter":
+      params[name] = len(params)
+    for i, operand in enumerate(operands):
+      users.setdefault(operand, []).append((op, name, i))
+  # parameter(N): the operand index is N, not the order of appearance.
+  for line in fused:
+    match = re.search(r"%([\w.\-]+) = .* parameter\((\d+)\)", line)
+    if match:
+      params[match.group(1)] = int(match.group(2))
+  read = 0
+  for name, index in params.items():
+    whole = _shape_bytes(operand_shapes[index] if index < len(operand_shapes)
+                         else shapes[name])
+    frontier, sliced, everything, in_place = [name], 0, False, True
+    while frontier and not everything:
+      for op, user, i in users.get(frontier.pop(), []):
+        if op in _PASS_THROUGH:
+          frontier.append(user)
+        elif op in ("slice", "dynamic-slice", "gather") and i == 0:
+          sliced += _elements(shapes[user])
+          in_place = False
+        elif op == "dynamic-update-slice" and i == 0:
+          continue
+        else:
+          everything = True
+    if everything or not users.get(name):
+      read += whole
+    elif not in_place:
+      read += int(whole * min(1.0, sliced / max(_elements(shapes[name]), 1)))
+  written = 0
+  root = next((r for r in instructions if r[0]), None)
+  outputs = [root] if root and root[3] != "tuple" else [
+      next(r for r in instructions if r[1] == o) for o in (root[4] if root else [])]
+  for out in outputs:
+    if out[3] == "dynamic-update-slice":
+      written += _shape_bytes(shapes[out[4][1]])
+    else:
+      written += _shape_bytes(out[2])
+  return read, written if outputs else _shape_bytes(result_shape)
+
+
+def _kernels(computations: dict[str, list[str]], name: str):
+  """(kind, bytes read, bytes written) of each kernel that computation `name` launches."""
+  shapes: dict[str, str] = {}
+  for _, inst, shape, op, operands, rest in _instructions(computations[name]):
+    shapes[inst] = shape
+    if op in _NO_KERNEL:
+      continue
+    operand_shapes = [shapes.get(o, "") for o in operands]
+    callee = re.search(r"calls=%([\w.\-]+)", rest)
+    target = re.search(r'custom_call_target="([^"]+)"', rest)
+    if op == "fusion" and callee and callee.group(1) in computations:
+      fused = computations[callee.group(1)]
+      read, written = _fusion_traffic(fused, operand_shapes, shape)
+      body = "\n".join(fused)
+      kind = ",".join(o for o in sorted(_KIND_OPS) if f" {o}(" in body)
+    else:
+      read = sum(_shape_bytes(s) for s in operand_shapes)
+      written = _shape_bytes(shape)
+      kind = target.group(1) if target else op
+      if target and "cublas" in kind and shape.startswith("("):
+        # cuBLAS calls return (result, s8[workspace]): scratch, not traffic.
+        parts = _SHAPE.findall(shape)
+        if parts and parts[-1][0] == "s8":
+          written -= _shape_bytes("s8[%s]" % parts[-1][1])
+    yield kind, read, written
+
+
+def loop_kernel_stats(text: str, loop: int = -1) -> KernelStats:
+  """Kernels and memory traffic of one iteration of the entry computation's `loop`-th
+  `while` loop (default the last: the sampler's decode loop, which follows the prefill),
+  loops nested in its body counted by their trip counts (`trip_count`; 1 when unknown).
+
+  The traffic is an estimate from shapes (`_fusion_traffic`): each kernel reads its operands
+  and writes its result, slices and in-place updates counted as what they touch. Caches are
+  not modelled, so a kernel that reads what the one before it wrote is counted in full.
+  """
+  computations, entry = split_computations(text)
+  loops = [(line, m.group(2)) for line in computations[entry]
+           for m in [_WHILE.search(line)] if m]
+  if not loops:
+    raise ValueError("no while loop in the entry computation")
+  count = read = written = 0
+  by_kind: dict[str, tuple[int, int]] = {}
+
+  def visit(body: str, times: int) -> None:
+    nonlocal count, read, written
+    for kind, r, w in _kernels(computations, body):
+      count += times
+      read += times * r
+      written += times * w
+      n, b = by_kind.get(kind, (0, 0))
+      by_kind[kind] = (n + times, b + times * (r + w))
+    for line in computations[body]:
+      nested = _WHILE.search(line)
+      if nested:
+        visit(nested.group(2), times * (trip_count(line, computations) or 1))
+
+  visit(loops[loop][1], 1)
+  return KernelStats(kernels=count, read=read, written=written, by_kind=by_kind)

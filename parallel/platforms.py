@@ -6,7 +6,8 @@ is attached: it costs start-up time (docs/scale_out.md) and prints libtpu's star
 on every run.
 `avoid_tpu_probe()` (run when `parallel` is imported, before any backend starts) limits the search
 to the CPU in exactly the case where JAX would end up on the CPU anyway; a TPU VM, a GPU machine,
-an installed PJRT plugin, or an explicit `JAX_PLATFORMS` leave JAX's choice untouched.
+an installed PJRT plugin (but a GPU one without a GPU), or an explicit `JAX_PLATFORMS` leave
+JAX's choice untouched.
 
 Hardware is detected from /sys and /dev only, never by starting a backend.
 """
@@ -46,13 +47,21 @@ def gpu_attached() -> bool:
   return any(os.path.exists(path) for path in _GPU_DEVICE_FILES)
 
 
+# PJRT plugins that serve only a GPU: without a GPU device file JAX fails to start them and
+# stays on the CPU (the CUDA plugin is installed on CPU machines to compile for a GPU,
+# parallel/gpu_target.py), so they do not count as another platform JAX might pick.
+_GPU_PLUGINS = ("xla_cuda", "xla_rocm")
+
+
 def _pjrt_plugins_installed() -> bool:
+  """Whether a PJRT plugin other than a GPU one is installed (`_GPU_PLUGINS`)."""
+  other = lambda name: not name.startswith(_GPU_PLUGINS)
   spec = importlib.util.find_spec("jax_plugins")
   if spec is not None and spec.submodule_search_locations:
-    if any(True for _ in pkgutil.iter_modules(spec.submodule_search_locations)):
+    if any(other(m.name) for m in pkgutil.iter_modules(spec.submodule_search_locations)):
       return True
   from importlib.metadata import entry_points  # pylint: disable=g-import-not-at-top
-  return bool(entry_points(group="jax_plugins"))
+  return any(other(ep.name) for ep in entry_points(group="jax_plugins"))
 
 
 def _backends_started() -> bool:

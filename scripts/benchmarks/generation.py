@@ -36,7 +36,7 @@ import models  # noqa: F401  (sets flax's variable-sharding mode before any modu
 from models.build import build_model_spec, count_params
 from models.flops import forward_flops_per_token
 from models.layers import dtype_of
-from models.sampler import check_length, make_sampler, sampling_params
+from models.sampler import check_length, make_sampler, sampling_params, unrolls_decode
 from parallel.peak import measure_memory_bandwidth, published_memory_bandwidth
 from parallel.mesh import make_mesh
 from parallel.rules import batch_sharding, get_rules, tree_shardings
@@ -129,7 +129,8 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
                        prompt_len: int = 64, max_new_tokens: int = 128,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                        repeats: int = 3, warmup: int = 1, seed: int = 0,
-                       weights: str = "compute") -> dict[str, Any]:
+                       weights: str = "compute", unroll: bool | None = None
+                       ) -> dict[str, Any]:
   """Times generation with the model, mesh and rules of `config` (a configs/pretrain.py config).
 
   Args:
@@ -142,6 +143,8 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
     warmup: untimed calls before them (after compiling).
     seed: of the prompts and of the sampling key.
     weights: the sampler's weights, "compute" or "int8" (models/quantize.py).
+    unroll: the decode steps' layers unrolled (True), scanned (False) or as the sampler
+      picks for the platform (None; models/sampler.py `make_sampler`).
 
   Returns:
     A flat dict: `new_tokens` (counted in the last call's output: `batch * max_new_tokens`),
@@ -165,7 +168,7 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
   lengths = jax.device_put(np.full((batch,), prompt_len, np.int32),
                            batch_sharding(mesh, rules, ndim=1))
   settings = dict(eos_id=-1, temperature=temperature, top_k=top_k, top_p=top_p, mesh=mesh,
-                  rules=rules, weights=weights)
+                  rules=rules, weights=weights, unroll=unroll)
   args = (params, tokens, lengths, jax.random.PRNGKey(seed))
 
   def compile_sampler(new_tokens):
@@ -193,7 +196,7 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
       params=count_params(spec.shapes), batch=batch, prompt_len=prompt_len,
       max_new_tokens=max_new_tokens, new_tokens=new_tokens, temperature=temperature,
       top_k=top_k, top_p=top_p, dtype=config.model.dtype, attention=config.model.attention,
-      weights=weights,
+      weights=weights, decode_layers=("unrolled" if unrolls_decode(mesh, unroll) else "scan"),
       repeats=repeats, warmup=warmup, call_s_median=call_s,
       call_s_mean=statistics.fmean(times), call_s_min=min(times),
       call_cpu_s_median=statistics.median(cpu_times),
@@ -214,7 +217,8 @@ def format_generate(result: dict[str, Any]) -> str:
       f"generate: {result['params'] / 1e6:.1f}M params, {result['batch']} prompts x "
       f"{result['prompt_len']} tokens, {result['max_new_tokens']} new tokens, temperature "
       f"{result['temperature']}, {result['dtype']}"
-      + (" with int8 weights" if result["weights"] == "int8" else "") + f", {result['devices']} "
+      + (" with int8 weights" if result["weights"] == "int8" else "")
+      + f", decode layers {result['decode_layers']}, {result['devices']} "
       f"{result['platform']} device(s)",
       f"call time        {result['call_s_median']:.3f} s median (mean "
       f"{result['call_s_mean']:.3f}, min {result['call_s_min']:.3f}, {result['repeats']} runs; "

@@ -101,9 +101,12 @@ def test_cached_logits_equal_full_forward(style, llama, gpt2):
     np.testing.assert_allclose(row, full[i, :len(s)], atol=1e-5)
 
 
-@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("style", ["llama", "gpt2", "moe_unscanned"])
 def test_greedy_equals_argmax_of_recomputation(style, llama, gpt2):
-  model = {"llama": llama, "gpt2": gpt2}[style]
+  # moe_unscanned: each decode step merges its blocks anew (an MoE block stores its routing
+  # losses, which a block made outside the decode loop's trace could not).
+  model = {"llama": lambda: llama, "gpt2": lambda: gpt2, "moe_unscanned": lambda: Model(
+      num_experts=4, experts_per_token=2, expert_mlp_dim=32, scan_layers=False)}[style]()
   out = generate(model.spec, model.params, PROMPTS, max_new_tokens=MAX_NEW, eos_id=-1,
                  prompt_bucket=8)
   expected = model.greedy_by_recomputation(PROMPTS, MAX_NEW)
@@ -228,3 +231,37 @@ def test_sampling_weights_in_the_compute_dtype_change_no_logit(overrides):
   assert all(a.dtype == b.dtype for a, b in zip(
       jax.tree_util.tree_leaves(compute_dtype_params(spec32, params32)),
       jax.tree_util.tree_leaves(params32)))
+
+
+@pytest.mark.parametrize("overrides, weights, sharded", [
+    (dict(), "compute", False),
+    # Gemma 3's local / global layers: 3 layers of period 2, one scanned group and a tail.
+    (dict(num_layers=3, sliding_window=3, sliding_window_pattern=2, rope_local_theta=100.0),
+     "compute", False),
+    (dict(num_experts=4, experts_per_token=2, expert_mlp_dim=32), "compute", False),
+    (dict(tie_embeddings=False), "int8", False),
+    (dict(), "compute", True),
+])
+def test_unrolled_decode_equals_scanned(overrides, weights, sharded):
+  """The decode steps with the layers unrolled, each from its own slice of the stack taken
+  before the loop (the GPU default), give the scanned sampler's tokens and log-probs."""
+  from ml_collections import ConfigDict
+  from models.sampler import make_sampler, unrolls_decode
+  model = Model(**overrides)
+  mesh = rules = None
+  if sharded:
+    mesh = make_mesh(ConfigDict(dict(data=-1, fsdp=2, tensor=2, dcn_data=1, dcn_fsdp=1,
+                                     dcn_tensor=1)))
+    rules = get_rules("fsdp_tp")
+  assert not unrolls_decode(mesh) and unrolls_decode(mesh, True)  # CPU: scanned by default
+  prompts = PROMPTS + [[2, 9]]  # 4 rows: the batch splits over data 2 x fsdp 2
+  tokens, lengths = left_pad(prompts, 8, 0)
+  out = {}
+  for unroll in (False, True):
+    sample = make_sampler(model.spec, max_new_tokens=MAX_NEW, eos_id=-1, temperature=1.0,
+                          mesh=mesh, rules=rules, weights=weights, unroll=unroll)
+    out[unroll] = jax.device_get(sample(model.params, jnp.asarray(tokens),
+                                        jnp.asarray(lengths), jax.random.PRNGKey(3)))
+  np.testing.assert_array_equal(out[True]["tokens"], out[False]["tokens"])
+  np.testing.assert_allclose(out[True]["log_probs"], out[False]["log_probs"], atol=1e-6)
+  assert out[True]["mask"].sum() == 4 * MAX_NEW

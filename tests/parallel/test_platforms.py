@@ -28,3 +28,23 @@ def test_cpu_run_is_quiet_with_libtpu_installed():
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == "cpu ['cpu']"
   assert result.stderr == ""  # no libtpu start-up errors, no "TPU backend" warnings
+
+
+def test_a_gpu_plugin_alone_does_not_count_as_another_platform(tmp_path, monkeypatch):
+  """JAX's CUDA plugin on a machine without a GPU (parallel/gpu_target.py compiles with it)
+  cannot start, so it does not stop `avoid_tpu_probe`; any other PJRT plugin does."""
+  import importlib
+  import importlib.metadata
+  from parallel import platforms
+  monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+  for name in ("xla_cuda12", "xla_rocm"):
+    (tmp_path / "jax_plugins" / name).mkdir(parents=True)
+    (tmp_path / "jax_plugins" / name / "__init__.py").write_text("")
+  monkeypatch.setattr(sys, "path", [str(tmp_path)])  # only these plugins are found
+  importlib.invalidate_caches()
+  monkeypatch.delitem(sys.modules, "jax_plugins", raising=False)
+  assert not platforms._pjrt_plugins_installed()
+  (tmp_path / "jax_plugins" / "xla_other").mkdir()
+  (tmp_path / "jax_plugins" / "xla_other" / "__init__.py").write_text("")
+  importlib.invalidate_caches()
+  assert platforms._pjrt_plugins_installed()

@@ -1,0 +1,138 @@
+"""Compiles the sampler for a GPU ahead of time and reports what its decode step moves.
+
+  python -m scripts.decode_check --gpu h200 --preset 1b --prompts 32
+  python -m scripts.decode_check --gpu h200 --preset 1b --prompts 32 --sample_weights int8
+  python -m scripts.decode_check --gpu h200 --preset 1b --decode_layers scan     # the old step
+
+Decoding is bound by memory bandwidth: a step should read every weight and the KV cache
+once, in as few kernels as possible. This compiles `scripts.benchmark generate`'s workload
+(random prompts, the preset's model, `models.sampler.make_sampler`) for the GPU with
+parallel/gpu_target.py, no GPU needed, under the flags a GPU run gets
+(parallel/xla_settings.py GPU_FLAGS), and reads the compiled decode loop
+(parallel/hlo_stats.py `loop_kernel_stats`):
+
+  kernels  launches per decode step, by kind (cuBLAS GEMMs, fusions by the ops they hold)
+  traffic  bytes read and written per step, against the step's minimum (weights as the
+           sampler holds them plus every cache slot: scripts/benchmarks/generation.py
+           `decode_bytes`, the figure `benchmark generate` divides by the step time)
+  bound    the step's time if every byte moved at the GPU's published bandwidth, and the
+           bandwidth utilisation that would give; launches and small kernels cost more
+
+The last line is the JSON summary. Needs JAX's CUDA plugin (parallel/gpu_target.py); JAX
+itself stays on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from configs import pretrain
+from models.build import build_model_spec
+from models.sampler import (GPU_INT8_COMPILER_OPTIONS, check_length, make_sampler,
+                            unrolls_decode)
+from parallel.gpu_target import GPU_SPECS, gpu_devices
+from parallel.hlo_stats import format_bytes, loop_kernel_stats
+from parallel.mesh import make_mesh
+from parallel.rules import batch_sharding, get_rules, tree_shardings
+from parallel.xla_settings import GPU_FLAGS
+from scripts.benchmarks.generation import decode_bytes
+
+_GPU = flags.DEFINE_enum("gpu", "h200", sorted(GPU_SPECS), "The GPU to compile for.")
+_PRESET = flags.DEFINE_string("preset", "1b", "configs/pretrain.py preset of the model.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
+_PROMPTS = flags.DEFINE_integer("prompts", 32, "Rows decoded together.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "New tokens per row.")
+_WEIGHTS = flags.DEFINE_enum("sample_weights", "compute", ["compute", "int8"],
+                             "The sampler's matrices in the compute dtype or int8.")
+_LAYERS = flags.DEFINE_enum("decode_layers", "auto", ["auto", "scan", "unrolled"],
+                            "The decode steps' layer loop (auto: the GPU default, unrolled).")
+
+
+def gpu_compiler_options(weights: str = "compute") -> dict[str, Any]:
+  """GPU_FLAGS as compile options (they then hold whatever XLA_FLAGS the process started
+  with), with the sampler's own GPU options for `weights` on top, as a GPU run compiles it."""
+  def value(text):
+    return {"true": True, "false": False}.get(text, int(text) if text.isdigit() else text)
+  options = {name: value(v) for name, v in (flag.lstrip("-").split("=", 1)
+                                            for flag in GPU_FLAGS)}
+  if weights == "int8":
+    options.update(GPU_INT8_COMPILER_OPTIONS)
+  return options
+
+
+def check(gpu: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16", prompts: int = 32,
+          prompt_len: int = 64, new_tokens: int = 128, weights: str = "compute",
+          unroll: bool | None = None, model_overrides: dict | None = None) -> dict[str, Any]:
+  """Compiles the sampler for `gpu` and returns its decode step's figures (module doc)."""
+  config = pretrain.get_config(preset)
+  config.model.update(dict(dtype=dtype, scan_layers=True, **(model_overrides or {})))
+  devices = gpu_devices(gpu)
+  mesh, rules = make_mesh(config.mesh, devices), get_rules(config.mesh.rules)
+  spec = build_model_spec(config.model)
+  check_length(spec, prompt_len, new_tokens)
+  shardings = tree_shardings(spec.logical_axes, spec.shapes, mesh, rules)
+  params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        spec.shapes, shardings)
+  tokens = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32,
+                                sharding=batch_sharding(mesh, rules))
+  lengths = jax.ShapeDtypeStruct((prompts,), jnp.int32,
+                                 sharding=batch_sharding(mesh, rules, ndim=1))
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  sampler = make_sampler(spec, max_new_tokens=new_tokens, eos_id=-1, temperature=1.0,
+                         mesh=mesh, rules=rules, weights=weights, unroll=unroll)
+  start = time.perf_counter()
+  compiled = sampler.lower(params, tokens, lengths, key).compile(
+      gpu_compiler_options(weights))
+  compile_s = time.perf_counter() - start
+  stats = loop_kernel_stats(compiled.as_text())
+  minimum = decode_bytes(spec, prompts, prompt_len + new_tokens - 1, weights)["step_bytes"]
+  bandwidth = GPU_SPECS[gpu][2]
+  moved = stats.read + stats.written
+  return dict(gpu=gpu, device_kind=devices[0].device_kind, preset=preset, dtype=dtype,
+              prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens, weights=weights,
+              decode_layers="unrolled" if unrolls_decode(mesh, unroll) else "scan",
+              compile_s=compile_s, kernels=stats.kernels, read_bytes=stats.read,
+              written_bytes=stats.written, moved_bytes=moved, minimum_bytes=minimum,
+              traffic_ratio=moved / minimum, bound_step_s=moved / bandwidth,
+              bound_utilisation=minimum / moved, bandwidth=bandwidth,
+              by_kind={k: list(v) for k, v in stats.by_kind.items()}, summary=stats.summary())
+
+
+def format_check(r: dict[str, Any]) -> str:
+  return "\n".join([
+      f"target    {r['device_kind']} (compile only), {r['preset']} in {r['dtype']}"
+      + (" with int8 weights" if r["weights"] == "int8" else "")
+      + f"; {r['prompts']} rows x ({r['prompt_len']} + {r['new_tokens']}) tokens, decode "
+      f"layers {r['decode_layers']}; compiled in {r['compile_s']:.1f} s",
+      f"kernels   {r['kernels']} per decode step",
+      f"traffic   {format_bytes(r['read_bytes'])} read + {format_bytes(r['written_bytes'])} "
+      f"written per step; minimum {format_bytes(r['minimum_bytes'])} (weights + KV cache): "
+      f"{r['traffic_ratio']:.2f}x",
+      f"bound     {r['bound_step_s'] * 1e3:.3f} ms per step at {r['bandwidth'] / 1e12:.2f} "
+      f"TB/s: at most {100 * r['bound_utilisation']:.0f}% bandwidth utilisation",
+      f"by kind   {r['summary'].split('; ', 1)[1]}",
+  ])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # JAX stays on the CPU; the CUDA plugin only compiles (parallel/gpu_target.py).
+  jax.config.update("jax_platforms", "cpu")
+  result = check(_GPU.value, _PRESET.value, dtype=_DTYPE.value, prompts=_PROMPTS.value,
+                 prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value,
+                 weights=_WEIGHTS.value,
+                 unroll={"auto": None, "scan": False, "unrolled": True}[_LAYERS.value])
+  print(format_check(result))
+  print(json.dumps({k: v for k, v in result.items() if k != "summary"}))
+
+
+if __name__ == "__main__":
+  app.run(main)
