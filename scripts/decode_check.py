@@ -17,6 +17,8 @@ parallel/gpu_target.py, no GPU needed, under the flags a GPU run gets
            `decode_bytes`, the figure `benchmark generate` divides by the step time)
   bound    the step's time if every byte moved at the GPU's published bandwidth, and the
            bandwidth utilisation that would give; launches and small kernels cost more
+  memory   the program's temporaries (the weights as the sampler holds them, the cache, the
+           unrolled layers' slices) beside its arguments
 
 The last line is the JSON summary. Needs JAX's CUDA plugin (parallel/gpu_target.py); JAX
 itself stays on the CPU.
@@ -92,6 +94,7 @@ def check(gpu: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16", pro
       gpu_compiler_options(weights))
   compile_s = time.perf_counter() - start
   stats = loop_kernel_stats(compiled.as_text())
+  memory = compiled.memory_analysis()
   minimum = decode_bytes(spec, prompts, prompt_len + new_tokens - 1, weights)["step_bytes"]
   bandwidth = GPU_SPECS[gpu][2]
   moved = stats.read + stats.written
@@ -102,6 +105,7 @@ def check(gpu: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16", pro
               written_bytes=stats.written, moved_bytes=moved, minimum_bytes=minimum,
               traffic_ratio=moved / minimum, bound_step_s=moved / bandwidth,
               bound_utilisation=minimum / moved, bandwidth=bandwidth,
+              temp_bytes=memory.temp_size_in_bytes, argument_bytes=memory.argument_size_in_bytes,
               by_kind={k: list(v) for k, v in stats.by_kind.items()}, summary=stats.summary())
 
 
@@ -118,6 +122,8 @@ def format_check(r: dict[str, Any]) -> str:
       f"bound     {r['bound_step_s'] * 1e3:.3f} ms per step at {r['bandwidth'] / 1e12:.2f} "
       f"TB/s: at most {100 * r['bound_utilisation']:.0f}% bandwidth utilisation",
       f"by kind   {r['summary'].split('; ', 1)[1]}",
+      f"memory    {format_bytes(r['temp_bytes'])} of temporaries beside "
+      f"{format_bytes(r['argument_bytes'])} of arguments (the params, stored)",
   ])
 
 
