@@ -27,8 +27,9 @@ from models.attention_kernels import Layer, resolve_kernel, run_per_device, step
 from models.flash_attention import (  # noqa: F401 (segment_mask re-exported)
     MASK_VALUE, flash_attention, segment_mask)
 from models.gpu_attention import cudnn_attention, pallas_gpu_attention
-from models.layers import (RMSNorm, apply_rope, dense, dtype_of, matrix, param,
-                           rope_scaling_of, rope_tables)
+from models.layers import (RMSNorm, apply_rope, dense, dtype_of, join_outputs, matrix,
+                           param, rope_scaling_of, rope_tables)
+from models.quantize import Int8Weight
 from models.splash_attention import splash_attention
 from parallel.rules import constrain
 
@@ -150,6 +151,35 @@ class Attention(nnx.Module):
       y = y + bias[...].astype(self.dtype)
     return constrain(y, ("batch", "length", heads_axis, "act_head_dim"))
 
+  def joined_kernel(self) -> jax.Array | Int8Weight:
+    """q, k and v as one `[d, (heads + 2 kv_heads) * head_dim]` matrix (`join_outputs`), for
+    `use_joined`."""
+    return join_outputs([matrix(p, self.dtype) for p in (self.q, self.k, self.v)])
+
+  def use_joined(self, kernel: jax.Array | Int8Weight) -> None:
+    """Sampling: compute q, k and v by one product with `joined_kernel()`'s matrix, made once
+    outside the decode loop (models/decoder.py `BlockStack.unroll`)."""
+    self.joined = nnx.data(kernel)
+
+  def _project_qkv(self, x, bias):
+    """(q, k, v) of `x`: three products, or one with the joined kernel (`use_joined`)."""
+    joined = getattr(self, "joined", None)
+    if joined is None:
+      return (self._project(x, self.q, bias("q_bias"), "act_heads"),
+              self._project(x, self.k, bias("k_bias"), "act_kv_heads"),
+              self._project(x, self.v, bias("v_bias"), "act_kv_heads"))
+    h, kh, hd = self.num_heads, self.num_kv_heads, self.head_dim
+    y = dense(x, joined)
+    parts = jnp.split(y, [h * hd, (h + kh) * hd], axis=-1)
+    out = []
+    for part, heads, name, axis in zip(parts, (h, kh, kh), ("q_bias", "k_bias", "v_bias"),
+                                       ("act_heads", "act_kv_heads", "act_kv_heads")):
+      part = part.reshape(*x.shape[:-1], heads, hd)
+      if bias(name) is not None:
+        part = part + bias(name)[...].astype(self.dtype)
+      out.append(constrain(part, ("batch", "length", axis, "act_head_dim")))
+    return tuple(out)
+
   def layer_settings(self, local: bool | None):
     """(window, rope theta, rope scaling) of a layer of kind `local` (models/layer_pattern.py):
     None, every layer alike (the config's window and RoPE); True, a local layer (the window,
@@ -213,9 +243,7 @@ class Attention(nnx.Module):
     if not self.causal:
       raise ValueError("a KV cache serves causal attention only (decoders)")
     bias = lambda name: getattr(self, name) if self.qkv_bias else None
-    q = self._project(x, self.q, bias("q_bias"), "act_heads")
-    k = self._project(x, self.k, bias("k_bias"), "act_kv_heads")
-    v = self._project(x, self.v, bias("v_bias"), "act_kv_heads")
+    q, k, v = self._project_qkv(x, bias)
     if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     window, theta, scaling = self.layer_settings(local)

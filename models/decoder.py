@@ -137,22 +137,39 @@ class BlockStack(nnx.Module):
       self.moe_aux = nnx.Intermediate(jax.tree.map(jnp.mean, aux))
     return x
 
-  def unroll(self) -> None:
+  def unroll(self, join: bool = False) -> None:
     """Sampling: from now on a cached call runs the layers unrolled, each from its own
-    arrays, sliced out of the stack here, once (a no-op without `scan_layers`).
+    arrays, sliced out of the stack here, once.
 
     The sampler calls this between the prefill and the decode loop (models/sampler.py), so
     the slices are taken once per call, outside the loop. A scanned decode step instead slices
     every layer's weights out of the stack each step, and XLA:GPU copies each slice into a new
     buffer before its GEMM: the step then moves every weight three times, not once.
+
+    `join`: also join each layer's q, k, v kernels into one matrix and its gate and up into
+    another, here, so that a decode step runs four GEMMs a layer instead of seven, each over
+    more columns (the concatenation XLA's dot merger would make inside the loop, every step).
+    Only where the heads and the MLP dimension are not sharded: the joined outputs must split
+    back into q, k, v and gate, up on every device alike.
     """
-    if not self.scan or getattr(self, "unrolled", None) is not None:
+    if getattr(self, "unrolled", None) is not None:
       return
-    graphdef, state = nnx.split(self.layers)
+    if self.scan:
+      graphdef, state = nnx.split(self.layers)
+      states = [jax.tree.map(lambda a, i=i: a[i], state)
+                for i in range(jax.tree.leaves(state)[0].shape[0])]
+      parts = [(graphdef, s) for s in states]
+    else:
+      parts = [nnx.split(block) for block in self.layers]
+    joined = []
+    for graphdef, state in parts if join else ():
+      block = nnx.merge(graphdef, state)
+      joined.append(dict(attn=block.attn.joined_kernel(),
+                         mlp=None if block.moe else block.mlp.joined_kernel()))
     # States, not modules: each call merges its blocks anew (`_cached_call`).
-    self.unrolled_graphdef = graphdef
-    self.unrolled = nnx.data([jax.tree.map(lambda a, i=i: a[i], state)
-                              for i in range(jax.tree.leaves(state)[0].shape[0])])
+    self.unrolled_graphdefs = tuple(graphdef for graphdef, _ in parts)
+    self.unrolled = nnx.data([state for _, state in parts])
+    self.joined = nnx.data(joined)
 
   def _cached_call(self, x, *, positions, segment_ids, cache: kv_cache.KVCache):
     # Inference only, so no remat. Layers only read their cache slice and hand back the new
@@ -165,6 +182,7 @@ class BlockStack(nnx.Module):
       return out
 
     unrolled = getattr(self, "unrolled", None)
+    joined = getattr(self, "joined", None) or ()
     if self.scan and unrolled is None:
       graphdef, state = nnx.split(self.layers)
       def body(h, xs, local):
@@ -176,21 +194,26 @@ class BlockStack(nnx.Module):
       news = []
       # Each block merged anew, in this trace: in the sampler's decode loop a block made
       # outside it could not store an MoE layer's routing losses.
-      parts = ([nnx.split(block) for block in self.layers] if unrolled is None else
-               [(self.unrolled_graphdef, state) for state in unrolled])
+      parts = ([nnx.split(b) for b in self.layers] if unrolled is None
+               else list(zip(self.unrolled_graphdefs, unrolled)))
       for i, (graphdef, state) in enumerate(parts):
-        x, kv = layer(x, nnx.merge(graphdef, state), cache.k[i], cache.v[i],
-                      self.kinds and self.kinds[i])
+        block = nnx.merge(graphdef, state)
+        if joined:
+          block.attn.use_joined(joined[i]["attn"])
+          if joined[i]["mlp"] is not None:
+            block.mlp.use_joined(joined[i]["mlp"])
+        x, kv = layer(x, block, cache.k[i], cache.v[i], self.kinds and self.kinds[i])
         news.append(kv)
       k_new, v_new = (jnp.stack(per_layer) for per_layer in zip(*news))
     return x, kv_cache.append(cache, k_new, v_new, segment_ids)
 
 
-def unroll_layers(model: nnx.Module) -> None:
-  """`BlockStack.unroll` on every layer stack of `model` (a decoder, or a module holding one)."""
+def unroll_layers(model: nnx.Module, join: bool = False) -> None:
+  """`BlockStack.unroll(join)` on every layer stack of `model` (a decoder, or a module
+  holding one)."""
   for _, node in nnx.iter_graph(model):
     if isinstance(node, BlockStack):
-      node.unroll()
+      node.unroll(join)
 
 
 class Decoder(nnx.Module):

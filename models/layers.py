@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models.quantize import Int8Weight
+from models.quantize import Int8Weight, concat_outputs
 from parallel.rules import constrain
 
 
@@ -55,6 +55,16 @@ def matrix(param: nnx.Variable, dtype) -> jax.Array | Int8Weight:
   (sampling, models/quantize.py), which `dense` multiplies as int8 and scales."""
   value = param.get_value()
   return value if isinstance(value, Int8Weight) else value.astype(dtype)
+
+
+def join_outputs(kernels: list[jax.Array | Int8Weight]) -> jax.Array | Int8Weight:
+  """Projections of one input `[d, *out_i]` (as `matrix` gives them) as one `[d, sum out_i]`
+  matrix, so `dense` runs one GEMM for all of them (sampling: `fuse_projections`)."""
+  if all(isinstance(k, Int8Weight) for k in kernels):
+    return concat_outputs(kernels)
+  if any(isinstance(k, Int8Weight) for k in kernels):
+    raise ValueError("join_outputs: int8 and float kernels mixed")
+  return jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], axis=1)
 
 
 class RMSNorm(nnx.Module):
@@ -190,16 +200,39 @@ class MLP(nnx.Module):
       self.down_bias = param(rngs, nnx.initializers.zeros, (d,), ("norm",), pdt)
 
   def _dense(self, x, kernel, bias=None):
-    y = dense(x, matrix(kernel, self.dtype))
+    y = dense(x, matrix(kernel, self.dtype) if isinstance(kernel, nnx.Variable) else kernel)
     return y if bias is None else y + bias[...].astype(self.dtype)
+
+  def joined_kernel(self) -> jax.Array | Int8Weight | None:
+    """gate and up as one `[d, 2 * mlp]` matrix (`join_outputs`), for `use_joined`; None
+    without a gate."""
+    if not self.gated:
+      return None
+    return join_outputs([matrix(self.gate, self.dtype), matrix(self.up, self.dtype)])
+
+  def use_joined(self, kernel: jax.Array | Int8Weight) -> None:
+    """Sampling: compute gate and up by one product with `joined_kernel()`'s matrix, made
+    once outside the decode loop (models/decoder.py `BlockStack.unroll`)."""
+    self.joined = nnx.data(kernel)
+
+  def _gate_up(self, x, bias):
+    joined = getattr(self, "joined", None)
+    if joined is None:
+      return (self._dense(x, self.gate, bias("gate_bias")),
+              self._dense(x, self.up, bias("up_bias")))
+    gate, up = jnp.split(self._dense(x, joined), 2, axis=-1)
+    add = lambda y, b: y if b is None else y + b[...].astype(self.dtype)
+    return add(gate, bias("gate_bias")), add(up, bias("up_bias"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     bias = lambda name: getattr(self, name) if self.use_bias else None
-    up = self._dense(x, self.up, bias("up_bias"))
+    if self.gated:
+      gate, up = self._gate_up(x, bias)
+    else:
+      up = self._dense(x, self.up, bias("up_bias"))
     if self.activation == "swiglu":
-      hidden = jax.nn.silu(self._dense(x, self.gate, bias("gate_bias"))) * up
+      hidden = jax.nn.silu(gate) * up
     elif self.activation == "geglu":
-      gate = self._dense(x, self.gate, bias("gate_bias"))
       hidden = jax.nn.gelu(gate, approximate=self.gelu_approximate) * up
     else:
       hidden = jax.nn.gelu(up, approximate=self.gelu_approximate)

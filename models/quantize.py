@@ -122,6 +122,17 @@ class Int8Weight:
     return self.dequantize().astype(dtype)
 
 
+def concat_outputs(weights: list["Int8Weight"]) -> "Int8Weight":
+  """Int8 matrices `[a, b_i]` that contract their first axis (projections of one input) as
+  one `[a, sum b_i]` matrix: values and per-output scales side by side."""
+  if any(w.q.ndim != 2 or not w.contracted_first or w.split != 1 for w in weights):
+    raise ValueError("concat_outputs takes unstacked projections that contract their "
+                     "first axis")
+  q = jnp.concatenate([w.q for w in weights], axis=1)
+  return Int8Weight(q, jnp.concatenate([w.scale for w in weights], axis=1), weights[0].dtype,
+                    (q.shape[0], q.shape[1]), 1, True)
+
+
 def contracted_axes(names: tuple) -> tuple[int, ...]:
   """The axes (indices) of a matrix with logical axes `names` that a product contracts
   (module docstring); () for a vector or a stack of vectors."""

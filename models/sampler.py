@@ -33,7 +33,9 @@ loop slices each layer's weights out of the stacked array every step, and XLA:GP
 such slice into a new buffer before its GEMM reads it (cuBLAS and Triton read whole buffers):
 compiled for an H200, the 1B model's scanned decode step runs 518 kernels moving 4.9 GiB for
 1.95 GiB of weights and cache; unrolled, with the slices taken once per call before the loop,
-307 kernels moving 2.05 GiB (scripts/decode_check.py reads these from the compiled program).
+307 kernels moving 2.05 GiB, and 259 with each layer's q / k / v and gate / up products
+joined, their kernels concatenated once per call (scripts/decode_check.py reads these from
+the compiled program).
 With int8 weights the GPU sampler also turns XLA's Triton GEMMs back on
 (`GPU_INT8_COMPILER_OPTIONS`), which read int8 weights in the kernel.
 XLA:TPU reads a layer's slice in place, so TPU (and CPU) keep the scan and its short compile.
@@ -206,9 +208,11 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
 
   `unroll`: run the decode steps with the layers unrolled, each layer's weights sliced out of
   a scanned stack once per call, before the decode loop (models/decoder.py
-  `BlockStack.unroll`); the prefill keeps the scan. None: on GPU only, where a scanned step
-  copies every layer's weights out of the stack before their GEMMs (module doc). Same tokens
-  either way, at a little more compile time (1B on an H200: 10 s against 8). The slices are
+  `BlockStack.unroll`), its q / k / v and gate / up kernels joined into one matrix each
+  unless the rules shard heads or the MLP dimension over the mesh; the prefill keeps the scan.
+  None: on GPU only, where a scanned step copies every layer's weights out of the stack
+  before their GEMMs (module doc). Same tokens either way, at a little more compile time (1B
+  on an H200: 11 s against 8). The slices are
   taken after the prefill from weights held anew, so they do not add to its stacked copy
   (params stored in the compute dtype are the one exception: their slices are a second copy).
   """
@@ -223,6 +227,11 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
   cfg = spec.config
   platform = sampler_platform(mesh)
   unroll = unrolls_decode(mesh, unroll)
+  # Unrolled, each layer's q / k / v and gate / up also run as one product each, unless the
+  # rules split heads or the MLP dimension over the mesh (`BlockStack.unroll`).
+  join = unroll and (mesh is None or all(
+      mesh.shape[axis] == 1 for name in ("heads", "kv_heads", "mlp")
+      for axis in rules.get(name, ())))
   options = dict(SAMPLER_COMPILER_OPTIONS)
   if platform == "gpu" and weights == "int8":
     options.update(GPU_INT8_COMPILER_OPTIONS)
@@ -254,7 +263,7 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
       # copy is then dead before the slices are made, and the two never take memory together.
       _, after_prefill = jax.lax.optimization_barrier((hidden, params))
       model = spec.bind(sampling_params(spec, after_prefill, weights))
-      unroll_layers(model)
+      unroll_layers(model, join=join)
 
     def cond(state):
       step, _, _, done, *_ = state

@@ -15,6 +15,7 @@ import pytest
 import models  # noqa: F401
 from configs import pretrain
 from models.build import build_model_spec
+from models.layers import dense, join_outputs
 from models.quantize import Int8Weight, contracted_axes, quantize_int8, quantize_params
 from models.sampler import Sampler, generate, make_sampler, sampling_params
 from parallel.mesh import make_mesh
@@ -226,3 +227,21 @@ def test_tpu_sampler_multiplies_int8_weights_in_place(overrides):
       sampler.lower(params, tokens, lengths, key).compile().as_text(), weight_shapes)
   assert readers >= 8, readers  # q, k, v, o, gate, up, down, the head; prefill and decode
   assert stray == []
+
+
+def test_joined_int8_projections_multiply_as_the_separate_ones():
+  """q [d, heads, head_dim] and k [d, kv_heads, head_dim] joined (the sampler's unrolled
+  decode): one product whose columns are each projection's, per-output scales kept."""
+  rng = np.random.default_rng(0)
+  q = quantize_int8(jnp.asarray(rng.normal(size=(8, 4, 2)), jnp.float32), (0,), "float32")
+  k = quantize_int8(jnp.asarray(rng.normal(size=(8, 2, 2)), jnp.float32), (0,), "float32")
+  joined = join_outputs([q, k])
+  assert isinstance(joined, Int8Weight) and joined.shape == (8, 12)
+  np.testing.assert_array_equal(joined.dequantize(), np.concatenate(
+      [np.asarray(q.dequantize()).reshape(8, 8), np.asarray(k.dequantize()).reshape(8, 4)], 1))
+  x = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+  np.testing.assert_allclose(dense(x, joined), np.concatenate(
+      [np.asarray(dense(x, q)).reshape(3, 8), np.asarray(dense(x, k)).reshape(3, 4)], 1),
+      rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="mixed"):
+    join_outputs([q, jnp.zeros((8, 2, 2))])

@@ -233,24 +233,31 @@ def test_sampling_weights_in_the_compute_dtype_change_no_logit(overrides):
       jax.tree_util.tree_leaves(params32)))
 
 
-@pytest.mark.parametrize("overrides, weights, sharded", [
-    (dict(), "compute", False),
+@pytest.mark.parametrize("overrides, weights, tensor", [
+    (dict(), "compute", 0),
     # Gemma 3's local / global layers: 3 layers of period 2, one scanned group and a tail.
     (dict(num_layers=3, sliding_window=3, sliding_window_pattern=2, rope_local_theta=100.0),
-     "compute", False),
-    (dict(num_experts=4, experts_per_token=2, expert_mlp_dim=32), "compute", False),
-    (dict(tie_embeddings=False), "int8", False),
-    (dict(), "compute", True),
+     "compute", 0),
+    (dict(num_experts=4, experts_per_token=2, expert_mlp_dim=32), "compute", 0),
+    (dict(tie_embeddings=False), "int8", 0),
+    # Joined kernels with biases: GPT-2's (q, k, v; an ungated MLP), GeGLU's gate and up.
+    (STYLES["gpt2"], "compute", 0),
+    (dict(activation="geglu", qkv_bias=True, mlp_bias=True), "int8", 0),
+    (dict(scan_layers=False), "compute", 0),
+    # Sharded: FSDP only (kernels joined), and with tensor parallelism (not joined).
+    (dict(), "compute", 1),
+    (dict(), "compute", 2),
 ])
-def test_unrolled_decode_equals_scanned(overrides, weights, sharded):
+def test_unrolled_decode_equals_scanned(overrides, weights, tensor):
   """The decode steps with the layers unrolled, each from its own slice of the stack taken
-  before the loop (the GPU default), give the scanned sampler's tokens and log-probs."""
+  before the loop, q / k / v and gate / up joined into one product each unless tensor
+  parallelism splits them (the GPU default), give the scanned sampler's tokens and log-probs."""
   from ml_collections import ConfigDict
   from models.sampler import make_sampler, unrolls_decode
   model = Model(**overrides)
   mesh = rules = None
-  if sharded:
-    mesh = make_mesh(ConfigDict(dict(data=-1, fsdp=2, tensor=2, dcn_data=1, dcn_fsdp=1,
+  if tensor:
+    mesh = make_mesh(ConfigDict(dict(data=-1, fsdp=2, tensor=tensor, dcn_data=1, dcn_fsdp=1,
                                      dcn_tensor=1)))
     rules = get_rules("fsdp_tp")
   assert not unrolls_decode(mesh) and unrolls_decode(mesh, True)  # CPU: scanned by default

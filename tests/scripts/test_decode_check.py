@@ -1,5 +1,6 @@
 """scripts/decode_check.py: the sampler compiled for an H200 from this host (JAX's CUDA plugin,
-no GPU) moves each weight once per decode step when its layers are unrolled."""
+no GPU) moves each weight once per decode step when its layers are unrolled, in four GEMMs a
+layer."""
 
 import pytest
 
@@ -34,6 +35,9 @@ def test_unrolled_decode_step_reads_each_weight_once():
   assert not any("dynamic-slice" in k for k in unrolled["by_kind"])
   assert unrolled["traffic_ratio"] < 1.3
   assert unrolled["kernels"] < scanned["kernels"]
+  # Seven GEMMs a layer scanned; unrolled four (q / k / v and gate / up joined); the LM head.
+  gemms = lambda r: r["by_kind"]["__cublas$lt$matmul"][0]
+  assert (gemms(scanned), gemms(unrolled)) == (7 * 2 + 1, 4 * 2 + 1)
   # The slices are made after the prefill's stacked copy is freed: no extra memory.
   assert unrolled["temp_bytes"] <= 1.05 * scanned["temp_bytes"]
   # int8: the Triton GEMMs read the int8 weights (no converted copies), fewer bytes.
