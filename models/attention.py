@@ -21,7 +21,8 @@ import ml_collections
 from flax import nnx
 
 from models import kv_cache
-from models.attention_kernels import Layer, resolve_kernel, run_per_device, step_platform
+from models.attention_kernels import (Layer, decode_kernel, resolve_kernel, run_per_device,
+                                     step_platform)
 # MASK_VALUE: large negative instead of -inf, so a fully masked (padding) row softmaxes to a
 # finite uniform distribution instead of NaN (and is zeroed afterwards).
 from models.flash_attention import (  # noqa: F401 (segment_mask re-exported)
@@ -248,8 +249,13 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     window, theta, scaling = self.layer_settings(local)
     q, k = self._rope(q, k, positions, theta, scaling)
+    # The GPU decode kernel reads its layer in place from the stacked cache (an unrolled
+    # stack hands it over with `cache.layer`); a scanned layer's slice would be copied first.
+    kernel = x.shape[1] == 1 and cache.layer is not None and decode_kernel(
+        head_dim=self.head_dim, heads=self.num_heads, kv_heads=self.num_kv_heads,
+        cache_len=cache.k.shape[-2])
     out = kv_cache.attend(q, k, v, segment_ids, cache, self.scale, window=window,
-                          softcap=self.softcap)
+                          softcap=self.softcap, kernel=kernel)
     out = out * (segment_ids > 0)[:, :, None, None].astype(out.dtype)
     out = constrain(out, ("batch", "length", "act_heads", "act_head_dim"))
     y = dense(out, matrix(self.o, self.dtype), in_dims=2)

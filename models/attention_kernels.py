@@ -17,6 +17,10 @@ config.model.attention:
   cudnn       models/gpu_attention.py: cuDNN fused attention, rows of one document (GPU)
   pallas_gpu  models/gpu_attention.py: the Pallas Triton kernel with segment ids (GPU)
 
+Decoding (one new token per row over a KV cache) is apart: on one GPU it runs
+models/decode_attention.py's kernel where it can (`decode_kernel`), elsewhere the XLA form of
+models/kv_cache.py; config.model.attention does not choose it.
+
 A forced kernel that cannot serve the configuration fails before anything is built: training
 validation (training/validate.py) reports `kernel_problems`, one line naming
 config.model.attention; the same check raises when a step is traced by any other entry point.
@@ -36,7 +40,7 @@ import jax
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
-from models import gpu_attention
+from models import decode_attention, gpu_attention
 from parallel import rules as rules_lib
 
 KERNELS = ("auto", "dense", "blockwise", "splash", "cudnn", "pallas_gpu")
@@ -141,6 +145,16 @@ def step_platform() -> str:
   if context is not None:
     return context[0].devices.flat[0].platform
   return jax.default_backend()
+
+
+def decode_kernel(*, head_dim: int, heads: int, kv_heads: int, cache_len: int) -> bool:
+  """Whether a decode step (one new token per row) traced now attends over its KV cache with
+  models/decode_attention.py's kernel: on a GPU, on one device, within the kernel's
+  constraints; else with the XLA form (models/kv_cache.py `attend`)."""
+  context = rules_lib._CONTEXT.get()  # pylint: disable=protected-access
+  one_device = context is None or context[0].size == 1
+  return (step_platform() == "gpu" and one_device and decode_attention.problem(
+      head_dim=head_dim, heads=heads, kv_heads=kv_heads, cache_len=cache_len) is None)
 
 
 Kernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]

@@ -175,9 +175,10 @@ class BlockStack(nnx.Module):
     # Inference only, so no remat. Layers only read their cache slice and hand back the new
     # tokens' keys / values; one write after the last layer updates the big loop-carried
     # buffers in place (see models/kv_cache.py).
-    def layer(h, block, k, v, local):
+    def layer(h, block, k, v, local, index=None):
+      # `index`: k, v are the stacked buffers and this is the layer to read (KVCache.layer).
       out = block(h, positions=positions, segment_ids=segment_ids,
-                  cache=cache._replace(k=k, v=v), **_kind(local))
+                  cache=cache._replace(k=k, v=v, layer=index), **_kind(local))
       moe_lib.pop_aux(block)  # routing losses serve training only
       return out
 
@@ -202,7 +203,7 @@ class BlockStack(nnx.Module):
           block.attn.use_joined(joined[i]["attn"])
           if joined[i]["mlp"] is not None:
             block.mlp.use_joined(joined[i]["mlp"])
-        x, kv = layer(x, block, cache.k[i], cache.v[i], self.kinds and self.kinds[i])
+        x, kv = layer(x, block, cache.k, cache.v, self.kinds and self.kinds[i], index=i)
         news.append(kv)
       k_new, v_new = (jnp.stack(per_layer) for per_layer in zip(*news))
     return x, kv_cache.append(cache, k_new, v_new, segment_ids)

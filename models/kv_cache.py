@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from models.decode_attention import decode_attention
 from models.flash_attention import MASK_VALUE
 from models.layers import dtype_of
 from parallel.rules import Rules, constrain, tree_shardings
@@ -46,11 +47,14 @@ KV_AXES = ("layers", "batch", "act_kv_heads", "length", "act_head_dim")
 
 class KVCache(NamedTuple):
   """The stacked cache; inside a layer, the same tuple holds that layer's `k, v` slices
-  `[batch, kv_heads, cache_len, head_dim]`."""
+  `[batch, kv_heads, cache_len, head_dim]`, or (`layer`, an int) still the stacked buffers
+  and the layer to read from them: an unrolled layer stack passes the stack so that the GPU
+  decode kernel reads its layer in place (a slice passed to a kernel is first copied out)."""
   k: jax.Array
   v: jax.Array
   segment_ids: jax.Array
   index: jax.Array
+  layer: int | None = None
 
 
 def cache_logical_axes() -> KVCache:
@@ -77,11 +81,12 @@ def init_cache(cfg: ml_collections.ConfigDict, batch: int, length: int) -> KVCac
   """An empty cache (every slot segment 0, index 0), sharded by the active mesh rules."""
   shapes, axes = cache_shapes(cfg, batch, length), cache_logical_axes()
   return KVCache(*(constrain(jnp.zeros(s.shape, s.dtype), names)
-                   for s, names in zip(shapes, axes)))
+                   for s, names in zip(shapes[:4], axes[:4])))
 
 
 def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Array,
-           layer: KVCache, scale: float, window: int = 0, softcap: float = 0.0) -> jax.Array:
+           layer: KVCache, scale: float, window: int = 0, softcap: float = 0.0,
+           kernel: bool = False) -> jax.Array:
   """Softmax attention of new tokens over one layer's cached slots and over each other.
 
   Args:
@@ -93,11 +98,19 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
     window: sliding window (a query attends to its last `window` tokens); 0: none. A row's
       slots hold consecutive tokens, so slot distance is token distance.
     softcap: c > 0 caps the scaled logits to c * tanh(logits / c) (Gemma 2); 0: none.
+    kernel: a decode step (new_len 1) runs models/decode_attention.py's GPU kernel, which
+      computes the same in one launch (models/attention_kernels.py `decode_kernel` decides).
   Returns:
     `[batch, new_len, heads, head_dim]`, in q's dtype.
   """
   b, n, h, d = q.shape
   kh = k_new.shape[2]
+  if n == 1 and kernel:
+    return decode_attention(q, k_new, v_new, q_segments, layer.k, layer.v, layer.segment_ids,
+                            layer.index, layer=layer.layer, scale=scale, window=window,
+                            softcap=softcap)
+  if layer.layer is not None:
+    layer = layer._replace(k=layer.k[layer.layer], v=layer.v[layer.layer], layer=None)
   q = q.reshape(b, n, kh, h // kh, d)
   f32 = jnp.float32
   if n == 1:

@@ -33,9 +33,11 @@ loop slices each layer's weights out of the stacked array every step, and XLA:GP
 such slice into a new buffer before its GEMM reads it (cuBLAS and Triton read whole buffers):
 compiled for an H200, the 1B model's scanned decode step runs 518 kernels moving 4.9 GiB for
 1.95 GiB of weights and cache; unrolled, with the slices taken once per call before the loop,
-307 kernels moving 2.05 GiB, and 259 with each layer's q / k / v and gate / up products
-joined, their kernels concatenated once per call (scripts/decode_check.py reads these from
-the compiled program).
+307 kernels moving 2.05 GiB, 259 with each layer's q / k / v and gate / up products joined
+(their kernels concatenated once per call), 195 with attention as one kernel a layer
+(models/decode_attention.py, which reads its layer of the stacked cache in place; the GPU
+sampler allocates the cache in whole blocks of it). scripts/decode_check.py reads these
+figures from the compiled program.
 With int8 weights the GPU sampler also turns XLA's Triton GEMMs back on
 (`GPU_INT8_COMPILER_OPTIONS`), which read int8 weights in the kernel.
 XLA:TPU reads a layer's slice in place, so TPU (and CPU) keep the scan and its short compile.
@@ -55,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import kv_cache
+from models.decode_attention import cache_length
 from models.decoder import unroll_layers
 from models.quantize import Int8Weight, check_format, quantize_params
 from models.build import ModelSpec, Params
@@ -250,7 +253,11 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
     batch, prompt_len = prompt_tokens.shape
     prompt_lengths = prompt_lengths.astype(jnp.int32)
     positions, segment_ids = prompt_inputs(prompt_tokens, prompt_lengths)
-    cache = kv_cache.init_cache(cfg, batch, prompt_len + max_new_tokens - 1)
+    # On GPU, whole blocks of the decode-attention kernel (models/decode_attention.py); the
+    # extra slots stay empty (segment 0).
+    cache_len = prompt_len + max_new_tokens - 1
+    cache = kv_cache.init_cache(cfg, batch, cache_length(cache_len) if platform == "gpu"
+                                else cache_len)
     hidden, cache = model.hidden_states(prompt_tokens, positions=positions,
                                         segment_ids=segment_ids, cache=cache)
     token, log_prob, stop = draw(model.logits(hidden[:, -1:])[:, 0], rng, 0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable, Mapping
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
@@ -222,8 +223,18 @@ def _instructions(lines: list[str]) -> list[tuple[bool, str, str, str, list[str]
   return out
 
 
-def _shape_bytes(shape_text: str) -> int:
+def shape_bytes(shape_text: str) -> int:
+  """Bytes of the arrays in an HLO shape's text (`bf16[4,8]{1,0}`, or a tuple of them)."""
   return _result_bytes(shape_text, False)
+
+
+def shape_dims(shape_text: str) -> tuple[int, ...]:
+  """The dimensions of the first array in an HLO shape's text."""
+  match = _SHAPE.search(shape_text)
+  return tuple(int(d) for d in filter(None, match.group(2).split(","))) if match else ()
+
+
+_shape_bytes = shape_bytes
 
 
 def _elements(shape_text: str) -> int:
@@ -292,7 +303,12 @@ def _fusion_traffic(fused: list[str], operand_shapes: list[str], result_shape: s
   return read, written if outputs else _shape_bytes(result_shape)
 
 
-def _kernels(computations: dict[str, list[str]], name: str):
+# A custom call's bytes read, from its operands' shape texts (`loop_kernel_stats`'s readers).
+Reader = Callable[[list[str]], int]
+
+
+def _kernels(computations: dict[str, list[str]], name: str,
+             readers: Mapping[str, Reader] | None = None):
   """(kind, bytes read, bytes written) of each kernel that computation `name` launches."""
   shapes: dict[str, str] = {}
   for _, inst, shape, op, operands, rest in _instructions(computations[name]):
@@ -316,17 +332,26 @@ def _kernels(computations: dict[str, list[str]], name: str):
         parts = _SHAPE.findall(shape)
         if parts and parts[-1][0] == "s8":
           written -= _shape_bytes("s8[%s]" % parts[-1][1])
+      op_name = re.search(r'op_name="([^"]*)"', rest)
+      for key, reader in (readers or {}).items():
+        if target and op_name and key in op_name.group(1):
+          read, kind = reader(operand_shapes), key
+          break
     yield kind, read, written
 
 
-def loop_kernel_stats(text: str, loop: int = -1) -> KernelStats:
+def loop_kernel_stats(text: str, loop: int = -1,
+                      readers: Mapping[str, Reader] | None = None) -> KernelStats:
   """Kernels and memory traffic of one iteration of the entry computation's `loop`-th
   `while` loop (default the last: the sampler's decode loop, which follows the prefill),
   loops nested in its body counted by their trip counts (`trip_count`; 1 when unknown).
 
   The traffic is an estimate from shapes (`_fusion_traffic`): each kernel reads its operands
   and writes its result, slices and in-place updates counted as what they touch. Caches are
-  not modelled, so a kernel that reads what the one before it wrote is counted in full.
+  not modelled, so a kernel that reads what the one before it wrote is counted in full. A
+  custom call (a Pallas kernel) reads its operands whole, unless its op name contains a key
+  of `readers`, whose function gives its bytes read from its operands' shapes (and whose key
+  names its kind).
   """
   computations, entry = split_computations(text)
   loops = [(line, m.group(2)) for line in computations[entry]
@@ -338,7 +363,7 @@ def loop_kernel_stats(text: str, loop: int = -1) -> KernelStats:
 
   def visit(body: str, times: int) -> None:
     nonlocal count, read, written
-    for kind, r, w in _kernels(computations, body):
+    for kind, r, w in _kernels(computations, body, readers):
       count += times
       read += times * r
       written += times * w

@@ -39,7 +39,7 @@ from models.build import build_model_spec
 from models.sampler import (GPU_INT8_COMPILER_OPTIONS, check_length, make_sampler,
                             unrolls_decode)
 from parallel.gpu_target import GPU_SPECS, gpu_devices
-from parallel.hlo_stats import format_bytes, loop_kernel_stats
+from parallel.hlo_stats import format_bytes, loop_kernel_stats, shape_bytes, shape_dims
 from parallel.mesh import make_mesh
 from parallel.rules import batch_sharding, get_rules, tree_shardings
 from parallel.xla_settings import GPU_FLAGS
@@ -69,6 +69,16 @@ def gpu_compiler_options(weights: str = "compute") -> dict[str, Any]:
   return options
 
 
+def _attention_reads(operands: list[str]) -> int:
+  """Bytes models/decode_attention.py's kernel reads: its small operands whole and, of the
+  stacked cache it is handed (`[layers, ...]` keys and values), its own layer's."""
+  total = 0
+  for shape in operands:
+    dims = shape_dims(shape)
+    total += shape_bytes(shape) // (dims[0] if len(dims) == 5 else 1)
+  return total
+
+
 def check(gpu: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16", prompts: int = 32,
           prompt_len: int = 64, new_tokens: int = 128, weights: str = "compute",
           unroll: bool | None = None, model_overrides: dict | None = None) -> dict[str, Any]:
@@ -93,7 +103,7 @@ def check(gpu: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16", pro
   compiled = sampler.lower(params, tokens, lengths, key).compile(
       gpu_compiler_options(weights))
   compile_s = time.perf_counter() - start
-  stats = loop_kernel_stats(compiled.as_text())
+  stats = loop_kernel_stats(compiled.as_text(), readers={"decode_attention": _attention_reads})
   memory = compiled.memory_analysis()
   minimum = decode_bytes(spec, prompts, prompt_len + new_tokens - 1, weights)["step_bytes"]
   bandwidth = GPU_SPECS[gpu][2]

@@ -52,7 +52,7 @@ PROGRAM = """HloModule decode
   %x = bf16[2,8]{1,0} get-tuple-element(%d), index=3
   %layer = bf16[1,8,16]{2,1,0} fusion(%stack, %step), kind=kLoop, calls=%fused_slice
   %w = bf16[8,16]{1,0} bitcast(%layer)
-  %gemm = (bf16[2,16]{1,0}, s8[1024]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul"
+  %gemm = (bf16[2,16]{1,0}, s8[1024]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/gemm"}
   %y = bf16[2,16]{1,0} get-tuple-element(%gemm), index=0
   %new = f32[1,2,16]{2,1,0} constant({...})
   %cache2 = f32[4,2,16]{2,1,0} fusion(%cache, %new, %step), kind=kLoop, calls=%fused_update
@@ -105,3 +105,14 @@ def test_kernels_and_traffic_of_the_decode_loop_by_hand():
   # One iteration of the first loop instead: the add.
   first = loop_kernel_stats(PROGRAM, loop=0)
   assert (first.kernels, first.read, first.written) == (1, 256, 128)
+
+
+def test_a_reader_gives_a_custom_calls_bytes():
+  """A custom call named by a reader reads what the reader says (a Pallas kernel that reads
+  part of an operand), and is counted under the reader's key."""
+  seen = []
+  reader = lambda shapes: seen.append(shapes) or 100
+  stats = loop_kernel_stats(PROGRAM, readers={"gemm": reader})
+  assert seen == [["bf16[2,8]{1,0}", "bf16[8,16]{1,0}"]]
+  assert stats.by_kind["gemm"] == (1, 100 + 64)
+  assert stats.read == (256 + 4) + 100 + (128 + 4) + 3 * 256

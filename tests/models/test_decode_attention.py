@@ -1,0 +1,83 @@
+"""models/decode_attention.py (the GPU decode kernel, run in Pallas's interpreter) computes
+models/kv_cache.py `attend`'s decode step: segments, unwritten slots, windows, soft-capping,
+grouped heads, the stacked cache read in place."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import kv_cache
+from models.attention_kernels import decode_kernel
+from models.decode_attention import BLOCK_K, cache_length, decode_attention, problem
+
+CACHE_LEN = 2 * BLOCK_K
+INDEX = 70  # slots written; the kernel's second block is partly unwritten
+
+
+def _case(heads, kv_heads, head_dim, dtype, layers=0, seed=0):
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)
+  b = 3
+  stack = (layers,) if layers else ()
+  cache_k = normal(*stack, b, kv_heads, CACHE_LEN, head_dim)
+  cache_v = normal(*stack, b, kv_heads, CACHE_LEN, head_dim)
+  seg = np.zeros((b, CACHE_LEN), np.int32)
+  seg[0, 5:INDEX] = 1          # a left-padded prompt
+  seg[1, 40:INDEX] = 1
+  seg[2, :INDEX] = 1
+  seg[2, 10:20] = 2            # another document's slots, never seen by segment 1
+  seg[:, INDEX + 3] = 1        # an unwritten slot with a stale id: beyond `index`, unseen
+  return dict(q=normal(b, 1, heads, head_dim), k_new=normal(b, 1, kv_heads, head_dim),
+              v_new=normal(b, 1, kv_heads, head_dim), q_segments=jnp.ones((b, 1), jnp.int32),
+              cache_k=cache_k, cache_v=cache_v, cache_segments=jnp.asarray(seg))
+
+
+def _reference(c, layer=None, **kw):
+  k, v = c["cache_k"], c["cache_v"]
+  if layer is not None:
+    k, v = k[layer], v[layer]
+  cache = kv_cache.KVCache(k=k, v=v, segment_ids=c["cache_segments"], index=jnp.int32(INDEX))
+  return kv_cache.attend(c["q"], c["k_new"], c["v_new"], c["q_segments"], cache, 0.3, **kw)
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, window, softcap", [
+    (4, 2, 16, 0, 0.0),     # grouped-query heads
+    (8, 2, 32, 5, 0.0),     # a sliding window inside the first block
+    (4, 4, 16, 0, 3.0),     # one query head per key head, soft-capped logits
+    (16, 1, 16, 70, 0.0),   # 16 query heads on one key head (the padded tile, full)
+])
+def test_kernel_equals_the_xla_decode_step(heads, kv_heads, head_dim, window, softcap):
+  c = _case(heads, kv_heads, head_dim, jnp.float32)
+  want = _reference(c, window=window, softcap=softcap)
+  got = decode_attention(**c, index=jnp.int32(INDEX), scale=0.3, window=window,
+                         softcap=softcap, interpret=True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+
+
+def test_kernel_reads_its_layer_of_the_stacked_cache_in_bfloat16():
+  c = _case(8, 4, 32, jnp.bfloat16, layers=3)
+  for layer in (0, 2):
+    want = _reference(c, layer=layer)
+    got = decode_attention(**c, index=jnp.int32(INDEX), layer=layer, scale=0.3,
+                           interpret=True)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=2e-2)
+  # The XLA form reads the same layer when handed the stack (KVCache.layer).
+  stacked = kv_cache.KVCache(k=c["cache_k"], v=c["cache_v"], segment_ids=c["cache_segments"],
+                             index=jnp.int32(INDEX), layer=2)
+  np.testing.assert_array_equal(
+      kv_cache.attend(c["q"], c["k_new"], c["v_new"], c["q_segments"], stacked, 0.3),
+      _reference(c, layer=2))
+
+
+def test_problems_and_where_the_kernel_runs():
+  assert problem(head_dim=128, heads=32, kv_heads=8, cache_len=cache_length(191)) is None
+  assert cache_length(191) == 192 and cache_length(64) == 64
+  assert "power of two" in problem(head_dim=8, heads=4, kv_heads=2, cache_len=64)
+  assert "multiple of" in problem(head_dim=64, heads=4, kv_heads=2, cache_len=100)
+  assert "query heads per key head" in problem(head_dim=64, heads=64, kv_heads=2,
+                                               cache_len=64)
+  # This CPU is not a GPU: the XLA form serves.
+  assert not decode_kernel(head_dim=64, heads=4, kv_heads=2, cache_len=64)
