@@ -81,3 +81,32 @@ def test_problems_and_where_the_kernel_runs():
                                                cache_len=64)
   # This CPU is not a GPU: the XLA form serves.
   assert not decode_kernel(head_dim=64, heads=4, kv_heads=2, cache_len=64)
+
+
+def test_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch):
+  """The unrolled decode steps with attention by the kernel (made to run here, interpreted,
+  as on a GPU) give the scanned XLA sampler's tokens and log-probs: the kernel reads each
+  layer of the stacked cache in place at the right index, with the prompts' padding."""
+  import functools
+  from models import attention, sampler
+  from tests.models.test_sampler import PROMPTS, Model
+  model = Model(num_heads=4, num_kv_heads=2, d_model=64)  # head_dim 16
+  tokens, lengths = sampler.left_pad(PROMPTS, 8, 0)
+  new_tokens = BLOCK_K - 8 + 1  # the cache: one whole block of slots
+
+  def run(unroll):
+    sample = sampler.make_sampler(model.spec, max_new_tokens=new_tokens, eos_id=-1,
+                                  temperature=1.0, unroll=unroll)
+    return jax.device_get(sample(model.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                 jax.random.PRNGKey(5)))
+
+  plain = run(False)
+  calls = []
+  kernel = functools.partial(decode_attention, interpret=True)
+  monkeypatch.setattr(kv_cache, "decode_attention",
+                      lambda *a, **kw: calls.append(kw["layer"]) or kernel(*a, **kw))
+  monkeypatch.setattr(attention, "decode_kernel", lambda **kw: True)
+  with_kernel = run(True)
+  assert sorted(set(calls)) == [0, 1]  # traced once per layer, each reading its own
+  np.testing.assert_array_equal(with_kernel["tokens"], plain["tokens"])
+  np.testing.assert_allclose(with_kernel["log_probs"], plain["log_probs"], atol=1e-5)
