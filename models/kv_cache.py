@@ -14,7 +14,10 @@ contiguous memory; with the `[batch, length, heads, ...]` layout of training, XL
 transposes the whole cache first and decoding is several times slower (README, "Benchmarks").
 A decode step (one new token per row) scores the cache by multiply-and-sum rather than as a
 matrix product: XLA fuses it into one pass over the cache, where a GEMM of one row pads the
-cache to its tile every step (seen on GPU). The softmax over cached slots and new tokens is
+cache to its tile every step (seen on GPU). Not on TPU, where that form made XLA write each
+layer's cache out converted to float32 every step and the matrix unit reads it as stored
+(scripts/decode_check.py, tests/scripts/test_decode_check.py); on one GPU, an unrolled decode
+step runs models/decode_attention.py's kernel instead. The softmax over cached slots and new tokens is
 taken in two parts, so the scores are never concatenated.
 
 A step: each layer attends from the new tokens to its cached slots plus the new tokens
@@ -35,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from models.attention_kernels import step_platform
 from models.decode_attention import decode_attention
 from models.flash_attention import MASK_VALUE
 from models.layers import dtype_of
@@ -113,10 +117,13 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
     layer = layer._replace(k=layer.k[layer.layer], v=layer.v[layer.layer], layer=None)
   q = q.reshape(b, n, kh, h // kh, d)
   f32 = jnp.float32
-  if n == 1:
-    # Decode: one query per row. Multiply-and-sum lets XLA read the cache in one fused pass;
-    # as a dot_general the one-row product is padded to the GEMM's tile and split over
-    # several kernels (GPU: pads of the whole cache every step).
+  # Decode (one query per row) off TPU: multiply-and-sum lets XLA read the cache in one fused
+  # pass; as a dot_general the one-row product is padded to the GEMM's tile and split over
+  # several kernels (GPU: pads of the whole cache every step). XLA:TPU instead writes the
+  # float32 product's operand, the layer's whole cache converted, out first (twice the bytes,
+  # written and read again each step), where its matrix unit takes the bfloat16 cache as it is.
+  elementwise = n == 1 and step_platform() != "tpu"
+  if elementwise:
     old = jnp.sum(q[:, 0, :, :, None, :].astype(f32) * layer.k[:, :, None].astype(f32),
                   axis=-1)[:, :, :, None]
   else:
@@ -144,7 +151,7 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
   old, new = jnp.exp(old - top), jnp.exp(new - top)
   total = old.sum(-1, keepdims=True) + new.sum(-1, keepdims=True)
   old, new = (old / total).astype(v_new.dtype), (new / total).astype(v_new.dtype)
-  if n == 1:
+  if elementwise:
     cached = jnp.sum(old[:, :, :, 0, :, None].astype(f32) * layer.v[:, :, None].astype(f32),
                      axis=3)[:, None].astype(v_new.dtype)
   else:

@@ -247,50 +247,59 @@ def _elements(shape_text: str) -> int:
   return n
 
 
-def _fusion_traffic(fused: list[str], operand_shapes: list[str], result_shape: str
-                    ) -> tuple[int, int]:
+def _read_share(computations: dict[str, list[str]], fused: str, index: int) -> float:
+  """The share of parameter `index` of fused computation `fused` that it reads: 1 whole, 0
+  only updated in place, else the share its slices take (`_fusion_traffic`). A parameter
+  passed on to a nested fusion (XLA:TPU fuses a stacked weight's dynamic slice into its
+  matmul's fusion that way) reads what the nested one reads of it."""
+  instructions = _instructions(computations.get(fused, []))
+  shapes = {name: shape for _, name, shape, *_ in instructions}
+  users: dict[str, list[tuple[str, str, int, str]]] = {}
+  param = None
+  for _, name, _, op, operands, rest in instructions:
+    for i, operand in enumerate(operands):
+      users.setdefault(operand, []).append((op, name, i, rest))
+  for line in computations.get(fused, []):
+    match = re.search(r"%([\w.\-]+) = .* parameter\((\d+)\)", line)
+    if match and int(match.group(2)) == index:
+      param = match.group(1)
+  if param is None or not users.get(param):
+    return 1.0
+  frontier, share, read_at_all = [param], 0.0, False
+  total = max(_elements(shapes[param]), 1)
+  while frontier:
+    for op, user, i, rest in users.get(frontier.pop(), []):
+      if op in _PASS_THROUGH:
+        frontier.append(user)
+      elif op in ("slice", "dynamic-slice", "gather") and i == 0:
+        share += _elements(shapes[user]) / total
+        read_at_all = True
+      elif op == "dynamic-update-slice" and i == 0:
+        continue
+      elif op == "fusion" and re.search(r"calls=%([\w.\-]+)", rest):
+        nested = re.search(r"calls=%([\w.\-]+)", rest).group(1)
+        share += _read_share(computations, nested, i)
+        read_at_all = True
+      else:
+        return 1.0
+  return min(1.0, share) if read_at_all else 0.0
+
+
+def _fusion_traffic(computations: dict[str, list[str]], fused: str, operand_shapes: list[str],
+                    result_shape: str) -> tuple[int, int]:
   """(bytes read, bytes written) of a fusion running the fused computation `fused`.
 
   A parameter is read whole, except one read only through slices (dynamic or static, or a
-  gather, possibly after converts and bitcasts: a scanned layer's slice of the stacked
-  weights, one layer's slice of the KV cache), counted as the slices' share of it, and one only
-  updated in place (the buffer of a dynamic-update-slice), not read. The result is written
-  whole, except an in-place dynamic-update-slice, which writes its update.
+  gather, possibly after converts and bitcasts, or inside a nested fusion: a scanned layer's
+  slice of the stacked weights, one layer's slice of the KV cache), counted as the slices'
+  share of it, and one only updated in place (the buffer of a dynamic-update-slice), not
+  read. The result is written whole, except an in-place dynamic-update-slice, which writes
+  its update.
   """
-  instructions = _instructions(fused)
+  instructions = _instructions(computations[fused])
   shapes = {name: shape for _, name, shape, *_ in instructions}
-  users: dict[str, list[tuple[str, str, int]]] = {}
-  params: dict[str, int] = {}
-  for _, name, _, op, operands, _ in instructions:
-    if op == "parameter":
-      params[name] = len(params)
-    for i, operand in enumerate(operands):
-      users.setdefault(operand, []).append((op, name, i))
-  # parameter(N): the operand index is N, not the order of appearance.
-  for line in fused:
-    match = re.search(r"%([\w.\-]+) = .* parameter\((\d+)\)", line)
-    if match:
-      params[match.group(1)] = int(match.group(2))
-  read = 0
-  for name, index in params.items():
-    whole = _shape_bytes(operand_shapes[index] if index < len(operand_shapes)
-                         else shapes[name])
-    frontier, sliced, everything, in_place = [name], 0, False, True
-    while frontier and not everything:
-      for op, user, i in users.get(frontier.pop(), []):
-        if op in _PASS_THROUGH:
-          frontier.append(user)
-        elif op in ("slice", "dynamic-slice", "gather") and i == 0:
-          sliced += _elements(shapes[user])
-          in_place = False
-        elif op == "dynamic-update-slice" and i == 0:
-          continue
-        else:
-          everything = True
-    if everything or not users.get(name):
-      read += whole
-    elif not in_place:
-      read += int(whole * min(1.0, sliced / max(_elements(shapes[name]), 1)))
+  read = sum(int(_shape_bytes(shape) * _read_share(computations, fused, index))
+             for index, shape in enumerate(operand_shapes))
   written = 0
   root = next((r for r in instructions if r[0]), None)
   outputs = [root] if root and root[3] != "tuple" else [
@@ -320,9 +329,15 @@ def _kernels(computations: dict[str, list[str]], name: str,
     target = re.search(r'custom_call_target="([^"]+)"', rest)
     if op == "fusion" and callee and callee.group(1) in computations:
       fused = computations[callee.group(1)]
-      read, written = _fusion_traffic(fused, operand_shapes, shape)
+      read, written = _fusion_traffic(computations, callee.group(1), operand_shapes, shape)
       body = "\n".join(fused)
       kind = ",".join(o for o in sorted(_KIND_OPS) if f" {o}(" in body)
+    elif op == "dynamic-update-slice":  # in place: the update is read and written
+      read = written = _shape_bytes(operand_shapes[1])
+      kind = op
+    elif op in ("dynamic-slice", "slice"):  # the slice is read and written
+      read = written = _shape_bytes(shape)
+      kind = op
     else:
       read = sum(_shape_bytes(s) for s in operand_shapes)
       written = _shape_bytes(shape)

@@ -1,27 +1,28 @@
-"""Compiles the sampler for a GPU ahead of time and reports what its decode step moves.
+"""Compiles the sampler for an accelerator ahead of time and reports what its decode step moves.
 
-  python -m scripts.decode_check --gpu h200 --preset 1b --prompts 32
-  python -m scripts.decode_check --gpu h200 --preset 1b --prompts 32 --sample_weights int8
-  python -m scripts.decode_check --gpu h200 --preset 1b --decode_layers scan     # the old step
+  python -m scripts.decode_check --target h200 --preset 1b --prompts 32
+  python -m scripts.decode_check --target h200 --preset 1b --sample_weights int8
+  python -m scripts.decode_check --target h200 --preset 1b --decode_layers scan  # the old step
+  python -m scripts.decode_check --target v5e:1x1 --preset 1b                     # a TPU chip
 
 Decoding is bound by memory bandwidth: a step should read every weight and the KV cache
 once, in as few kernels as possible. This compiles `scripts.benchmark generate`'s workload
-(random prompts, the preset's model, `models.sampler.make_sampler`) for the GPU with
-parallel/gpu_target.py, no GPU needed, under the flags a GPU run gets
-(parallel/xla_settings.py GPU_FLAGS), and reads the compiled decode loop
-(parallel/hlo_stats.py `loop_kernel_stats`):
+(random prompts, the preset's model, `models.sampler.make_sampler`) for the target without
+it: a GPU through JAX's CUDA plugin (parallel/gpu_target.py; under the flags a GPU run gets,
+parallel/xla_settings.py GPU_FLAGS), a TPU chip through libtpu (parallel/tpu_topology.py). It
+reads the compiled decode loop (parallel/hlo_stats.py `loop_kernel_stats`):
 
-  kernels  launches per decode step, by kind (cuBLAS GEMMs, fusions by the ops they hold)
+  kernels  launches per decode step, by kind (GEMMs and Pallas kernels by name, fusions by
+           the ops they hold)
   traffic  bytes read and written per step, against the step's minimum (weights as the
            sampler holds them plus every cache slot: scripts/benchmarks/generation.py
            `decode_bytes`, the figure `benchmark generate` divides by the step time)
-  bound    the step's time if every byte moved at the GPU's published bandwidth, and the
+  bound    the step's time if every byte moved at the chip's published bandwidth, and the
            bandwidth utilisation that would give; launches and small kernels cost more
   memory   the program's temporaries (the weights as the sampler holds them, the cache, the
            unrolled layers' slices) beside its arguments
 
-The last line is the JSON summary. Needs JAX's CUDA plugin (parallel/gpu_target.py); JAX
-itself stays on the CPU.
+The last line is the JSON summary. JAX itself stays on the CPU.
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ from models.sampler import (GPU_INT8_COMPILER_OPTIONS, check_length, make_sample
 from parallel.gpu_target import GPU_SPECS, gpu_devices
 from parallel.hlo_stats import format_bytes, loop_kernel_stats, shape_bytes, shape_dims
 from parallel.mesh import make_mesh
+from parallel.peak import published_memory_bandwidth
 from parallel.rules import batch_sharding, get_rules, tree_shardings
+from parallel.tpu_topology import parse_topology, topology_devices
 from parallel.xla_settings import GPU_FLAGS
 from scripts.benchmarks.generation import decode_bytes
 
-_GPU = flags.DEFINE_enum("gpu", "h200", sorted(GPU_SPECS), "The GPU to compile for.")
+_TARGET = flags.DEFINE_string("target", "h200", "A GPU (" + ", ".join(sorted(GPU_SPECS))
+                              + ") or a TPU topology (v5e:1x1, ...) to compile for.")
 _PRESET = flags.DEFINE_string("preset", "1b", "configs/pretrain.py preset of the model.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype.")
 _PROMPTS = flags.DEFINE_integer("prompts", 32, "Rows decoded together.")
@@ -54,7 +58,8 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "New tokens per row.")
 _WEIGHTS = flags.DEFINE_enum("sample_weights", "compute", ["compute", "int8"],
                              "The sampler's matrices in the compute dtype or int8.")
 _LAYERS = flags.DEFINE_enum("decode_layers", "auto", ["auto", "scan", "unrolled"],
-                            "The decode steps' layer loop (auto: the GPU default, unrolled).")
+                            "The decode steps' layer loop (auto: the sampler's default, "
+                            "unrolled on GPU).")
 
 
 def gpu_compiler_options(weights: str = "compute") -> dict[str, Any]:
@@ -79,13 +84,26 @@ def _attention_reads(operands: list[str]) -> int:
   return total
 
 
-def check(gpu: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16", prompts: int = 32,
-          prompt_len: int = 64, new_tokens: int = 128, weights: str = "compute",
-          unroll: bool | None = None, model_overrides: dict | None = None) -> dict[str, Any]:
-  """Compiles the sampler for `gpu` and returns its decode step's figures (module doc)."""
+def target_devices(target: str) -> tuple[list, float, bool]:
+  """(compile-only devices, published bandwidth in bytes/s, whether a GPU) of `target`."""
+  if target in GPU_SPECS:
+    return gpu_devices(target), GPU_SPECS[target][2], True
+  devices = topology_devices(parse_topology(target))[:1]
+  bandwidth = published_memory_bandwidth(devices[0].device_kind)
+  if bandwidth is None:
+    raise ValueError(f"no published bandwidth for {devices[0].device_kind!r}")
+  return devices, bandwidth, False
+
+
+def check(target: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16",
+          prompts: int = 32, prompt_len: int = 64, new_tokens: int = 128,
+          weights: str = "compute", unroll: bool | None = None,
+          model_overrides: dict | None = None) -> dict[str, Any]:
+  """Compiles the sampler for `target` (a GPU_SPECS name or a TPU topology, one chip) and
+  returns its decode step's figures (module doc)."""
   config = pretrain.get_config(preset)
   config.model.update(dict(dtype=dtype, scan_layers=True, **(model_overrides or {})))
-  devices = gpu_devices(gpu)
+  devices, bandwidth, gpu = target_devices(target)
   mesh, rules = make_mesh(config.mesh, devices), get_rules(config.mesh.rules)
   spec = build_model_spec(config.model)
   check_length(spec, prompt_len, new_tokens)
@@ -101,20 +119,19 @@ def check(gpu: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16", pro
                          mesh=mesh, rules=rules, weights=weights, unroll=unroll)
   start = time.perf_counter()
   compiled = sampler.lower(params, tokens, lengths, key).compile(
-      gpu_compiler_options(weights))
+      gpu_compiler_options(weights) if gpu else None)
   compile_s = time.perf_counter() - start
   stats = loop_kernel_stats(compiled.as_text(), readers={"decode_attention": _attention_reads})
   memory = compiled.memory_analysis()
   minimum = decode_bytes(spec, prompts, prompt_len + new_tokens - 1, weights)["step_bytes"]
-  bandwidth = GPU_SPECS[gpu][2]
   moved = stats.read + stats.written
-  return dict(gpu=gpu, device_kind=devices[0].device_kind, preset=preset, dtype=dtype,
+  return dict(target=target, device_kind=devices[0].device_kind, preset=preset, dtype=dtype,
               prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens, weights=weights,
               decode_layers="unrolled" if unrolls_decode(mesh, unroll) else "scan",
               compile_s=compile_s, kernels=stats.kernels, read_bytes=stats.read,
               written_bytes=stats.written, moved_bytes=moved, minimum_bytes=minimum,
               traffic_ratio=moved / minimum, bound_step_s=moved / bandwidth,
-              bound_utilisation=minimum / moved, bandwidth=bandwidth,
+              bound_utilisation=min(1.0, minimum / moved), bandwidth=bandwidth,
               temp_bytes=memory.temp_size_in_bytes, argument_bytes=memory.argument_size_in_bytes,
               by_kind={k: list(v) for k, v in stats.by_kind.items()}, summary=stats.summary())
 
@@ -129,7 +146,7 @@ def format_check(r: dict[str, Any]) -> str:
       f"traffic   {format_bytes(r['read_bytes'])} read + {format_bytes(r['written_bytes'])} "
       f"written per step; minimum {format_bytes(r['minimum_bytes'])} (weights + KV cache): "
       f"{r['traffic_ratio']:.2f}x",
-      f"bound     {r['bound_step_s'] * 1e3:.3f} ms per step at {r['bandwidth'] / 1e12:.2f} "
+      f"bound     {r['bound_step_s'] * 1e3:.3f} ms per step at {r['bandwidth'] / 1e12:.3g} "
       f"TB/s: at most {100 * r['bound_utilisation']:.0f}% bandwidth utilisation",
       f"by kind   {r['summary'].split('; ', 1)[1]}",
       f"memory    {format_bytes(r['temp_bytes'])} of temporaries beside "
@@ -142,7 +159,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # JAX stays on the CPU; the CUDA plugin only compiles (parallel/gpu_target.py).
   jax.config.update("jax_platforms", "cpu")
-  result = check(_GPU.value, _PRESET.value, dtype=_DTYPE.value, prompts=_PROMPTS.value,
+  result = check(_TARGET.value, _PRESET.value, dtype=_DTYPE.value, prompts=_PROMPTS.value,
                  prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value,
                  weights=_WEIGHTS.value,
                  unroll={"auto": None, "scan": False, "unrolled": True}[_LAYERS.value])

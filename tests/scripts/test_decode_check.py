@@ -2,6 +2,8 @@
 no GPU) moves each weight once per decode step when its layers are unrolled, in four GEMMs a
 layer."""
 
+import importlib.util
+
 import pytest
 
 from parallel.gpu_target import cuda_plugin_installed, target_config
@@ -9,6 +11,9 @@ from parallel.gpu_target import cuda_plugin_installed, target_config
 needs_cuda_plugin = pytest.mark.skipif(
     not cuda_plugin_installed(), reason="compiling for a GPU needs JAX's CUDA plugin "
     "(pip install -e .[gpu_aot])")
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="compiling for a TPU needs libtpu")
 
 # Matrices large against the KV cache, as in a real model's decode step.
 MODEL = dict(d_model=512, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=1024,
@@ -49,3 +54,16 @@ def test_unrolled_decode_step_reads_each_weight_once():
   assert "__cublas$lt$matmul" not in int8["by_kind"]
   assert int8["by_kind"]["dot"][0] == 4 * 2 + 1
   assert int8["by_kind"]["dot"][1] < 0.65 * unrolled["by_kind"]["__cublas$lt$matmul"][1]
+
+
+@needs_libtpu
+def test_tpu_decode_step_reads_the_cache_as_stored():
+  """On a v5e chip (libtpu, from this host) the scanned decode step reads each layer's cache
+  slice in the matrix unit as stored: no converted copy of it is written each step (the
+  multiply-and-sum form of the other platforms made XLA:TPU write one per layer)."""
+  from scripts.decode_check import check
+  r = check("v5e:1x1", "tiny", prompts=8, prompt_len=16, new_tokens=8, model_overrides=MODEL)
+  assert r["decode_layers"] == "scan"
+  copies = sum(b for kind, (_, b) in r["by_kind"].items() if "dynamic-slice" in kind)
+  assert copies < 0.05 * r["minimum_bytes"], r["summary"]
+  assert r["traffic_ratio"] < 1.2, r["summary"]
