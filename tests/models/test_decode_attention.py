@@ -110,3 +110,13 @@ def test_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch):
   assert sorted(set(calls)) == [0, 1]  # traced once per layer, each reading its own
   np.testing.assert_array_equal(with_kernel["tokens"], plain["tokens"])
   np.testing.assert_allclose(with_kernel["log_probs"], plain["log_probs"], atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the kernel runs natively on a GPU")
+def test_kernel_natively_on_a_gpu():
+  """Compiled by Triton and run on the GPU, in bfloat16, over the stacked cache."""
+  c = _case(16, 8, 128, jnp.bfloat16, layers=2)
+  want = _reference(c, layer=1)
+  got = decode_attention(**c, index=jnp.int32(INDEX), layer=1, scale=0.3)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=2e-2)
