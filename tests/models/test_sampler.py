@@ -253,14 +253,15 @@ def test_unrolled_decode_equals_scanned(overrides, weights, tensor):
   before the loop, q / k / v and gate / up joined into one product each unless tensor
   parallelism splits them (the GPU default), give the scanned sampler's tokens and log-probs."""
   from ml_collections import ConfigDict
-  from models.sampler import make_sampler, unrolls_decode
+  from models.sampler import make_sampler, sampler_platform, unrolls_decode
   model = Model(**overrides)
   mesh = rules = None
   if tensor:
     mesh = make_mesh(ConfigDict(dict(data=-1, fsdp=2, tensor=tensor, dcn_data=1, dcn_fsdp=1,
                                      dcn_tensor=1)))
     rules = get_rules("fsdp_tp")
-  assert not unrolls_decode(mesh) and unrolls_decode(mesh, True)  # CPU: scanned by default
+  # Unrolled by default on GPU only.
+  assert unrolls_decode(mesh) == (sampler_platform(mesh) == "gpu") and unrolls_decode(mesh, True)
   prompts = PROMPTS + [[2, 9]]  # 4 rows: the batch splits over data 2 x fsdp 2
   tokens, lengths = left_pad(prompts, 8, 0)
   out = {}
