@@ -59,7 +59,8 @@ def matrix(param: nnx.Variable, dtype) -> jax.Array | Int8Weight:
 
 def join_outputs(kernels: list[jax.Array | Int8Weight]) -> jax.Array | Int8Weight:
   """Projections of one input `[d, *out_i]` (as `matrix` gives them) as one `[d, sum out_i]`
-  matrix, so `dense` runs one GEMM for all of them (sampling: `fuse_projections`)."""
+  matrix, so `dense` runs one GEMM for all of them (sampling: models/decoder.py
+  `BlockStack.unroll`)."""
   if all(isinstance(k, Int8Weight) for k in kernels):
     return concat_outputs(kernels)
   if any(isinstance(k, Int8Weight) for k in kernels):
