@@ -6,8 +6,9 @@ evaluations, built afresh by each test's trainer or run, and by the subprocesses
 multi-process and CLI tests). JAX's persistent compilation cache, keyed by the program, its
 compile options and the devices, lets every such program compile once per session: a fresh
 directory made by the first process (pytest, or xdist's controller, whose workers and
-subprocesses inherit the environment) and removed when it exits. Setting
-JAX_COMPILATION_CACHE_DIR yourself keeps your directory (and its entries) instead.
+subprocesses inherit the environment) and removed when it exits, its reads and writes under a
+file lock. Setting JAX_COMPILATION_CACHE_DIR yourself keeps your directory (and its entries)
+instead.
 """
 
 import atexit
@@ -26,6 +27,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # Cache every program, however small or quick to compile.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# A size bound turns on the cache's file lock (the `filelock` package), held by every read
+# and write: without it an entry is written in place, and another worker or subprocess can
+# read it half-written and load a truncated executable (seen: a worker aborting mid-run).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 
 def pytest_configure(config):
