@@ -39,9 +39,8 @@ setup(
         # conversion parity tests build random models with transformers 5's config API.
         # jax[tpu] (libtpu) too: the TPU ahead-of-time compile tests run on CPU with it and
         # would otherwise be skipped.
-        # filelock: the test session's shared compilation cache locks its entries with it.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0",
-                 "jax[tpu]", "filelock>=3.12"],
+                 "jax[tpu]"],
         # jax's own extra pins the libtpu built for the installed jax; compile_check uses it
         # to compile for TPU topologies on any machine.
         "tpu": ["jax[tpu]"],

@@ -55,6 +55,16 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def peer_cache_env(process_id: int) -> dict[str, str]:
+  """The compilation-cache directory of one of several processes that run at once.
+
+  JAX writes a cache entry in place, so a process must not share its directory with another
+  running beside it (tests/conftest.py): each peer gets its own under the test worker's.
+  """
+  parent = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  return {"JAX_COMPILATION_CACHE_DIR": os.path.join(parent, f"process_{process_id}")} if parent else {}
+
+
 def run_two_processes(tokenizer, mesh, workdir, stop_after, timeout=600):
   """Runs `train_and_evaluate` in 2 local processes of 4 CPU devices each; returns their logs.
 
@@ -71,7 +81,8 @@ def run_two_processes(tokenizer, mesh, workdir, stop_after, timeout=600):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(process_id),
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               **peer_cache_env(process_id))
     with open(log, "w") as out:
       procs.append(subprocess.Popen([sys.executable, "-c", WORKER, args], cwd=ROOT, env=env,
                                     stdout=out, stderr=subprocess.STDOUT))

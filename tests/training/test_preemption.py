@@ -16,7 +16,7 @@ from training.checkpoint import Checkpointer
 from training.loop import train_and_evaluate
 from training.metrics import read_metrics
 from training.preemption import PREEMPTED_EXIT_CODE
-from tests.training.test_multiprocess import ROOT, _free_port, small_config
+from tests.training.test_multiprocess import ROOT, _free_port, peer_cache_env, small_config
 
 LONG = 100_000  # steps: the run only ends by the signal
 
@@ -115,7 +115,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tokenizer, 
     procs.append(_spawn(tokenizer, (2, 2, 2), workdir, dict(
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
         JAX_PROCESS_ID=str(process_id),
-        XLA_FLAGS="--xla_force_host_platform_device_count=4"), logs[-1]))
+        XLA_FLAGS="--xla_force_host_platform_device_count=4", **peer_cache_env(process_id)),
+        logs[-1]))
   try:
     _wait_for_step(workdir, 3, procs)
     procs[1].send_signal(signal.SIGTERM)  # only one host gets the notice
