@@ -253,7 +253,7 @@ class Attention(nnx.Module):
     # stack hands it over with `cache.layer`); a scanned layer's slice would be copied first.
     kernel = x.shape[1] == 1 and cache.layer is not None and decode_kernel(
         head_dim=self.head_dim, heads=self.num_heads, kv_heads=self.num_kv_heads,
-        cache_len=cache.k.shape[-2])
+        cache_len=cache.k.shape[-2], batch=x.shape[0])
     out = kv_cache.attend(q, k, v, segment_ids, cache, self.scale, window=window,
                           softcap=self.softcap, kernel=kernel)
     out = out * (segment_ids > 0)[:, :, None, None].astype(out.dtype)

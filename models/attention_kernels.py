@@ -17,9 +17,10 @@ config.model.attention:
   cudnn       models/gpu_attention.py: cuDNN fused attention, rows of one document (GPU)
   pallas_gpu  models/gpu_attention.py: the Pallas Triton kernel with segment ids (GPU)
 
-Decoding (one new token per row over a KV cache) is apart: on one GPU it runs
-models/decode_attention.py's kernel where it can (`decode_kernel`), elsewhere the XLA form of
-models/kv_cache.py; config.model.attention does not choose it.
+Decoding (one new token per row over a KV cache) is apart: on GPUs it runs
+models/decode_attention.py's kernel where it can (`decode_kernel`; under a mesh, on each
+device's rows and heads, `decode_per_device`), elsewhere the XLA form of models/kv_cache.py;
+config.model.attention does not choose it.
 
 A forced kernel that cannot serve the configuration fails before anything is built: training
 validation (training/validate.py) reports `kernel_problems`, one line naming
@@ -147,14 +148,79 @@ def step_platform() -> str:
   return jax.default_backend()
 
 
-def decode_kernel(*, head_dim: int, heads: int, kv_heads: int, cache_len: int) -> bool:
-  """Whether a decode step (one new token per row) traced now attends over its KV cache with
-  models/decode_attention.py's kernel: on a GPU, on one device, within the kernel's
-  constraints; else with the XLA form (models/kv_cache.py `attend`)."""
+def _axes_size(mesh, entry) -> int:
+  """Devices a PartitionSpec entry (None, one mesh axis or a tuple of them) splits over."""
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  size = 1
+  for axis in axes:
+    size *= mesh.shape[axis]
+  return size
+
+
+def decode_local_shape(*, batch: int, heads: int, kv_heads: int
+                       ) -> tuple[int, int, int] | None:
+  """Each device's `(rows, heads, kv_heads)` of a decode step's attention under the traced
+  step's mesh (the whole problem without one), or None when the kernel cannot run per device:
+  query and key heads split over different mesh axes (query head i would not meet key head
+  i // groups on its device), the cache's slots or head_dim split, or a split that does not
+  divide. The cache is sharded by models/kv_cache.py's logical axes (`KV_AXES`)."""
   context = rules_lib._CONTEXT.get()  # pylint: disable=protected-access
-  one_device = context is None or context[0].size == 1
-  return (step_platform() == "gpu" and one_device and decode_attention.problem(
-      head_dim=head_dim, heads=heads, kv_heads=kv_heads, cache_len=cache_len) is None)
+  if context is None or context[0].size == 1:
+    return batch, heads, kv_heads
+  mesh, rules = context
+  spec = lambda name: rules_lib.logical_to_spec((name,), rules, what="decode attention",
+                                                mesh=mesh)[0]
+  rows, q_heads, k_heads = spec("batch"), spec("act_heads"), spec("act_kv_heads")
+  if q_heads != k_heads or spec("length") is not None or spec("act_head_dim") is not None:
+    return None
+  split = [_axes_size(mesh, rows), _axes_size(mesh, q_heads), _axes_size(mesh, k_heads)]
+  whole = (batch, heads, kv_heads)
+  if any(n % k for n, k in zip(whole, split)):
+    return None
+  return tuple(n // k for n, k in zip(whole, split))
+
+
+def decode_kernel(*, head_dim: int, heads: int, kv_heads: int, cache_len: int,
+                  batch: int) -> bool:
+  """Whether a decode step (one new token per row) traced now attends over its KV cache with
+  models/decode_attention.py's kernel: on a GPU, each device's share of the rows and heads
+  (`decode_local_shape`) within the kernel's constraints; else with the XLA form
+  (models/kv_cache.py `attend`)."""
+  return step_platform() == "gpu" and decode_kernel_fits(
+      head_dim=head_dim, heads=heads, kv_heads=kv_heads, cache_len=cache_len, batch=batch)
+
+
+def decode_kernel_fits(*, head_dim: int, heads: int, kv_heads: int, cache_len: int,
+                       batch: int) -> bool:
+  """`decode_kernel` on any platform: the per-device problem is one the kernel serves."""
+  local = decode_local_shape(batch=batch, heads=heads, kv_heads=kv_heads)
+  return local is not None and decode_attention.problem(
+      head_dim=head_dim, heads=local[1], kv_heads=local[2], cache_len=cache_len) is None
+
+
+def decode_per_device(kernel: Callable[..., jax.Array], q: jax.Array, k_new: jax.Array,
+                      v_new: jax.Array, q_segments: jax.Array, cache_k: jax.Array,
+                      cache_v: jax.Array, cache_segments: jax.Array, index: jax.Array
+                      ) -> jax.Array:
+  """`kernel(q, k_new, v_new, q_segments, cache_k, cache_v, cache_segments, index)` (a
+  models/decode_attention.py call) on each device's rows and heads of the traced step's mesh,
+  split as `decode_local_shape` checked: the queries, new keys / values and the cache (one
+  layer's `[batch, kv_heads, slots, head_dim]` or the stacked `[layers, ...]`) by rows and
+  heads, the slot segment ids by rows. Each device reads its own shard of the cache in place;
+  nothing is gathered. Without a mesh (or on one device): a plain call."""
+  context = rules_lib._CONTEXT.get()  # pylint: disable=protected-access
+  args = (q, k_new, v_new, q_segments, cache_k, cache_v, cache_segments, index)
+  if context is None or context[0].size == 1:
+    return kernel(*args)
+  mesh, rules = context
+  spec = lambda name: rules_lib.logical_to_spec((name,), rules, what="decode attention",
+                                                mesh=mesh)[0]
+  rows, heads = spec("batch"), spec("act_kv_heads")
+  tokens, rows_only = P(rows, None, heads, None), P(rows, None)
+  cache = P(*((None,) * (cache_k.ndim - 4)), rows, heads, None, None)
+  return jax.shard_map(kernel, mesh=mesh,
+                       in_specs=(tokens, tokens, tokens, rows_only, cache, cache, rows_only, P()),
+                       out_specs=tokens, check_vma=False)(*args)
 
 
 Kernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]

@@ -20,9 +20,10 @@ Triton's smallest tile (`BLOCK_H`).
 
 Constraints (`problem` names the one that fails; the caller then keeps the XLA form): the
 cache length a multiple of BLOCK_K (the GPU sampler allocates it so), head_dim a power of two
-of at least 16 (Triton's tiles), at most BLOCK_H query heads per key head, and one device (no
-mesh split; multi-device sampling keeps the XLA form). `interpret=True` runs the kernel in
-Pallas's interpreter, which is how the CPU tests check it.
+of at least 16 (Triton's tiles), and at most BLOCK_H query heads per key head. Under a mesh
+the kernel sees one device's rows and key heads (models/attention_kernels.py
+`decode_per_device`, inside `shard_map`), and the constraints apply to that share.
+`interpret=True` runs the kernel in Pallas's interpreter, which is how the CPU tests check it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ matrix product: XLA fuses it into one pass over the cache, where a GEMM of one r
 cache to its tile every step (seen on GPU). Not on TPU, where that form made XLA write each
 layer's cache out converted to float32 every step and the matrix unit reads it as stored
 (scripts/decode_check.py, tests/scripts/test_decode_check.py); on one GPU, an unrolled decode
-step runs models/decode_attention.py's kernel instead. The softmax over cached slots and new tokens is
+step runs models/decode_attention.py's kernel instead (on each device's rows and heads). The softmax over cached slots and new tokens is
 taken in two parts, so the scores are never concatenated.
 
 A step: each layer attends from the new tokens to its cached slots plus the new tokens
@@ -32,13 +32,14 @@ so a left-padded row computes exactly what it computes alone.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from models.attention_kernels import step_platform
+from models.attention_kernels import decode_per_device, step_platform
 from models.decode_attention import decode_attention
 from models.flash_attention import MASK_VALUE
 from models.layers import dtype_of
@@ -110,9 +111,10 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
   b, n, h, d = q.shape
   kh = k_new.shape[2]
   if n == 1 and kernel:
-    return decode_attention(q, k_new, v_new, q_segments, layer.k, layer.v, layer.segment_ids,
-                            layer.index, layer=layer.layer, scale=scale, window=window,
+    run = functools.partial(decode_attention, layer=layer.layer, scale=scale, window=window,
                             softcap=softcap)
+    return decode_per_device(run, q, k_new, v_new, q_segments, layer.k, layer.v,
+                             layer.segment_ids, layer.index)
   if layer.layer is not None:
     layer = layer._replace(k=layer.k[layer.layer], v=layer.v[layer.layer], layer=None)
   q = q.reshape(b, n, kh, h // kh, d)

@@ -4,6 +4,7 @@
   python -m scripts.decode_check --target h200 --preset 1b --sample_weights int8
   python -m scripts.decode_check --target h200 --preset 1b --decode_layers scan  # the old step
   python -m scripts.decode_check --target v5e:1x1 --preset 1b                     # a TPU chip
+  python -m scripts.decode_check --target h200 --preset 8b --tensor 8   # 8 GPUs, heads split
 
 Decoding is bound by memory bandwidth: a step should read every weight and the KV cache
 once, in as few kernels as possible. This compiles `scripts.benchmark generate`'s workload
@@ -21,6 +22,10 @@ reads the compiled decode loop (parallel/hlo_stats.py `loop_kernel_stats`):
            bandwidth utilisation that would give; launches and small kernels cost more
   memory   the program's temporaries (the weights as the sampler holds them, the cache, the
            unrolled layers' slices) beside its arguments
+
+With `--tensor N` the sampler runs tensor-parallel over N devices (the weights' heads and MLP
+columns and the cache's key heads split, rules `fsdp_tp`); every figure is one device's, its
+minimum the step's over N.
 
 The last line is the JSON summary. JAX itself stays on the CPU.
 """
@@ -57,6 +62,7 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "New tokens per row.")
 _WEIGHTS = flags.DEFINE_enum("sample_weights", "compute", ["compute", "int8"],
                              "The sampler's matrices in the compute dtype or int8.")
+_TENSOR = flags.DEFINE_integer("tensor", 1, "Devices the sampler runs tensor-parallel over.")
 _LAYERS = flags.DEFINE_enum("decode_layers", "auto", ["auto", "scan", "unrolled"],
                             "The decode steps' layer loop (auto: the sampler's default, "
                             "unrolled on GPU).")
@@ -84,11 +90,15 @@ def _attention_reads(operands: list[str]) -> int:
   return total
 
 
-def target_devices(target: str) -> tuple[list, float, bool]:
-  """(compile-only devices, published bandwidth in bytes/s, whether a GPU) of `target`."""
+def target_devices(target: str, count: int = 1) -> tuple[list, float, bool]:
+  """(`count` compile-only devices, published bandwidth in bytes/s of one, whether GPUs) of
+  `target`."""
   if target in GPU_SPECS:
-    return gpu_devices(target), GPU_SPECS[target][2], True
-  devices = topology_devices(parse_topology(target))[:1]
+    return gpu_devices(target, count), GPU_SPECS[target][2], True
+  devices = topology_devices(parse_topology(target))
+  if len(devices) < count:
+    raise ValueError(f"{target} has {len(devices)} chips, fewer than {count}")
+  devices = devices[:count]
   bandwidth = published_memory_bandwidth(devices[0].device_kind)
   if bandwidth is None:
     raise ValueError(f"no published bandwidth for {devices[0].device_kind!r}")
@@ -97,13 +107,14 @@ def target_devices(target: str) -> tuple[list, float, bool]:
 
 def check(target: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16",
           prompts: int = 32, prompt_len: int = 64, new_tokens: int = 128,
-          weights: str = "compute", unroll: bool | None = None,
+          weights: str = "compute", unroll: bool | None = None, tensor: int = 1,
           model_overrides: dict | None = None) -> dict[str, Any]:
-  """Compiles the sampler for `target` (a GPU_SPECS name or a TPU topology, one chip) and
-  returns its decode step's figures (module doc)."""
+  """Compiles the sampler for `target` (a GPU_SPECS name or a TPU topology; `tensor` devices,
+  tensor-parallel) and returns one device's decode-step figures (module doc)."""
   config = pretrain.get_config(preset)
   config.model.update(dict(dtype=dtype, scan_layers=True, **(model_overrides or {})))
-  devices, bandwidth, gpu = target_devices(target)
+  config.mesh.update(dict(data=1, fsdp=1, tensor=tensor, rules="fsdp_tp"))
+  devices, bandwidth, gpu = target_devices(target, tensor)
   mesh, rules = make_mesh(config.mesh, devices), get_rules(config.mesh.rules)
   spec = build_model_spec(config.model)
   check_length(spec, prompt_len, new_tokens)
@@ -123,11 +134,12 @@ def check(target: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16",
   compile_s = time.perf_counter() - start
   stats = loop_kernel_stats(compiled.as_text(), readers={"decode_attention": _attention_reads})
   memory = compiled.memory_analysis()
-  minimum = decode_bytes(spec, prompts, prompt_len + new_tokens - 1, weights)["step_bytes"]
+  minimum = decode_bytes(spec, prompts, prompt_len + new_tokens - 1,
+                         weights)["step_bytes"] / tensor
   moved = stats.read + stats.written
   return dict(target=target, device_kind=devices[0].device_kind, preset=preset, dtype=dtype,
               prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens, weights=weights,
-              decode_layers="unrolled" if unrolls_decode(mesh, unroll) else "scan",
+              tensor=tensor, decode_layers="unrolled" if unrolls_decode(mesh, unroll) else "scan",
               compile_s=compile_s, kernels=stats.kernels, read_bytes=stats.read,
               written_bytes=stats.written, moved_bytes=moved, minimum_bytes=minimum,
               traffic_ratio=moved / minimum, bound_step_s=moved / bandwidth,
@@ -141,7 +153,9 @@ def format_check(r: dict[str, Any]) -> str:
       f"target    {r['device_kind']} (compile only), {r['preset']} in {r['dtype']}"
       + (" with int8 weights" if r["weights"] == "int8" else "")
       + f"; {r['prompts']} rows x ({r['prompt_len']} + {r['new_tokens']}) tokens, decode "
-      f"layers {r['decode_layers']}; compiled in {r['compile_s']:.1f} s",
+      f"layers {r['decode_layers']}"
+      + (f", tensor-parallel over {r['tensor']} (figures per device)" if r["tensor"] > 1
+         else "") + f"; compiled in {r['compile_s']:.1f} s",
       f"kernels   {r['kernels']} per decode step",
       f"traffic   {format_bytes(r['read_bytes'])} read + {format_bytes(r['written_bytes'])} "
       f"written per step; minimum {format_bytes(r['minimum_bytes'])} (weights + KV cache): "
@@ -161,7 +175,7 @@ def main(argv):
   jax.config.update("jax_platforms", "cpu")
   result = check(_TARGET.value, _PRESET.value, dtype=_DTYPE.value, prompts=_PROMPTS.value,
                  prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value,
-                 weights=_WEIGHTS.value,
+                 weights=_WEIGHTS.value, tensor=_TENSOR.value,
                  unroll={"auto": None, "scan": False, "unrolled": True}[_LAYERS.value])
   print(format_check(result))
   print(json.dumps({k: v for k, v in result.items() if k != "summary"}))

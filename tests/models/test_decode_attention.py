@@ -1,6 +1,6 @@
 """models/decode_attention.py (the GPU decode kernel, run in Pallas's interpreter) computes
 models/kv_cache.py `attend`'s decode step: segments, unwritten slots, windows, soft-capping,
-grouped heads, the stacked cache read in place."""
+grouped heads, the stacked cache read in place, each device's rows and heads under a mesh."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models import kv_cache
-from models.attention_kernels import decode_kernel
+from models.attention_kernels import decode_kernel, decode_kernel_fits, decode_local_shape
 from models.decode_attention import BLOCK_K, cache_length, decode_attention, problem
 
 CACHE_LEN = 2 * BLOCK_K
@@ -81,8 +81,33 @@ def test_problems_and_where_the_kernel_runs():
                                                cache_len=64)
   # Only on a GPU (and within the constraints); elsewhere the XLA form serves.
   on_gpu = jax.default_backend() == "gpu"
-  assert decode_kernel(head_dim=64, heads=4, kv_heads=2, cache_len=64) == on_gpu
-  assert not decode_kernel(head_dim=64, heads=4, kv_heads=2, cache_len=100)
+  assert decode_kernel(head_dim=64, heads=4, kv_heads=2, cache_len=64, batch=3) == on_gpu
+  assert not decode_kernel(head_dim=64, heads=4, kv_heads=2, cache_len=100, batch=3)
+
+
+def _mesh(fsdp, tensor):
+  from ml_collections import ConfigDict
+  from parallel.mesh import make_mesh
+  return make_mesh(ConfigDict(dict(data=-1, fsdp=fsdp, tensor=tensor, dcn_data=1, dcn_fsdp=1,
+                                   dcn_tensor=1)))
+
+
+def test_each_devices_share_of_a_decode_step():
+  """Under a mesh the kernel sees each device's rows and heads: rows over data x fsdp, query
+  and key heads alike over tensor; a split that does not divide, or key heads split apart
+  from the query heads, keeps the XLA form."""
+  from parallel.rules import get_rules, use_mesh_rules
+  assert decode_local_shape(batch=8, heads=16, kv_heads=4) == (8, 16, 4)  # no mesh
+  rules = get_rules("fsdp_tp")
+  with use_mesh_rules(_mesh(2, 2), rules):  # data 2 x fsdp 2 x tensor 2
+    assert decode_local_shape(batch=8, heads=16, kv_heads=4) == (2, 8, 2)
+    assert decode_local_shape(batch=6, heads=16, kv_heads=4) is None     # 6 rows over 4
+    assert decode_local_shape(batch=8, heads=16, kv_heads=1) is None     # 1 key head over 2
+    assert decode_kernel_fits(head_dim=64, heads=16, kv_heads=4, cache_len=64, batch=8)
+    # 32 query heads per key head on one device: over the kernel's tile, as without a mesh.
+    assert not decode_kernel_fits(head_dim=64, heads=64, kv_heads=2, cache_len=64, batch=8)
+  with use_mesh_rules(_mesh(2, 2), dict(rules, act_kv_heads=())):  # key heads not split
+    assert decode_local_shape(batch=8, heads=16, kv_heads=4) is None
 
 
 def test_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch):
@@ -110,6 +135,36 @@ def test_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch):
   monkeypatch.setattr(attention, "decode_kernel", lambda **kw: True)
   with_kernel = run(True)
   assert sorted(set(calls)) == [0, 1]  # traced once per layer, each reading its own
+  np.testing.assert_array_equal(with_kernel["tokens"], plain["tokens"])
+  np.testing.assert_allclose(with_kernel["log_probs"], plain["log_probs"], atol=1e-5)
+
+
+def test_sharded_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch):
+  """On a data x fsdp x tensor mesh the kernel runs inside shard_map on each device's rows
+  and heads of the stacked cache (interpreted here, as on GPUs): the same tokens and
+  log-probs as the scanned XLA sampler on the same mesh."""
+  import functools
+  from models import attention, sampler
+  from parallel.rules import get_rules
+  from tests.models.test_sampler import PROMPTS, Model
+  model = Model(num_heads=4, num_kv_heads=2, d_model=64)  # head_dim 16
+  tokens, lengths = sampler.left_pad(PROMPTS + [[2, 9]], 8, 0)  # 4 rows over data x fsdp
+  mesh, rules = _mesh(2, 2), get_rules("fsdp_tp")
+
+  def run(unroll):
+    sample = sampler.make_sampler(model.spec, max_new_tokens=BLOCK_K - 8 + 1, eos_id=-1,
+                                  temperature=1.0, mesh=mesh, rules=rules, unroll=unroll)
+    return jax.device_get(sample(model.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                 jax.random.PRNGKey(5)))
+
+  plain = run(False)
+  shapes = []
+  kernel = functools.partial(decode_attention, interpret=True)
+  monkeypatch.setattr(kv_cache, "decode_attention",
+                      lambda q, *a, **kw: shapes.append(q.shape) or kernel(q, *a, **kw))
+  monkeypatch.setattr(attention, "decode_kernel", decode_kernel_fits)  # as on GPUs
+  with_kernel = run(True)
+  assert set(shapes) == {(1, 1, 2, 16)}  # a device's row and query heads (of one key head)
   np.testing.assert_array_equal(with_kernel["tokens"], plain["tokens"])
   np.testing.assert_allclose(with_kernel["log_probs"], plain["log_probs"], atol=1e-5)
 

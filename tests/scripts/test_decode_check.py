@@ -56,6 +56,21 @@ def test_unrolled_decode_step_reads_each_weight_once():
   assert int8["by_kind"]["dot"][1] < 0.65 * unrolled["by_kind"]["__cublas$lt$matmul"][1]
 
 
+@needs_cuda_plugin
+def test_tensor_parallel_decode_step_runs_the_kernel_on_each_gpu():
+  """On 2 GPUs (heads split) each runs the decode kernel on its own key heads of the stacked
+  cache: one launch a layer reading half the cache in place, and each GPU moves about half the
+  step's minimum."""
+  from scripts.decode_check import check
+  kw = dict(prompts=8, prompt_len=16, new_tokens=8, model_overrides=MODEL)
+  one, two = check("h200", "tiny", **kw), check("h200", "tiny", tensor=2, **kw)
+  assert two["tensor"] == 2 and two["minimum_bytes"] == one["minimum_bytes"] / 2
+  kernel = lambda r: r["by_kind"]["decode_attention"]
+  assert kernel(two)[0] == kernel(one)[0] == 2
+  assert kernel(two)[1] < 0.6 * kernel(one)[1]
+  assert two["traffic_ratio"] < 1.3
+
+
 @needs_libtpu
 def test_tpu_decode_step_reads_the_cache_as_stored():
   """On a v5e chip (libtpu, from this host) the scanned decode step reads each layer's cache
@@ -67,3 +82,8 @@ def test_tpu_decode_step_reads_the_cache_as_stored():
   copies = sum(b for kind, (_, b) in r["by_kind"].items() if "dynamic-slice" in kind)
   assert copies < 0.05 * r["minimum_bytes"], r["summary"]
   assert r["traffic_ratio"] < 1.2, r["summary"]
+  # Tensor-parallel over 2 chips: each moves about half of it, gathering nothing big.
+  two = check("v5e:2x2", "tiny", prompts=8, prompt_len=16, new_tokens=8, tensor=2,
+              model_overrides=MODEL)
+  assert two["minimum_bytes"] == r["minimum_bytes"] / 2
+  assert two["traffic_ratio"] < 1.3, two["summary"]
