@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Checks one GPU machine in about ten minutes: the GPU-only tests natively, then the decode
+# benchmarks whose figures the README's "Benchmarks" section reports.
+#
+#   pip install -e . "jax[cuda12]" pytest && bash scripts/gpu_check.sh [OUT_DIR]
+#
+# 1. tests that only a GPU runs: the Pallas (Triton) and cuDNN attention kernels against the
+#    dense reference, and the decode-attention kernel compiled by Triton and run;
+# 2. `benchmark generate` on the 1B model (bfloat16, 32 prompts of 64 tokens, 128 new):
+#    the GPU's default decode step (layers unrolled, q/k/v and gate/up joined, the decode
+#    kernel) beside the scanned step, each with bfloat16 and int8 sampling weights;
+# 3. one line per run: decode step time and memory-bandwidth utilisation.
+# Each run has its own time limit, so one that hangs cannot take the rest with it; each
+# benchmark's full output and JSON line are kept in OUT_DIR (default: gpu_check_out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-gpu_check_out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+start=$(date +%s)
+stage() { echo "=== [$(( $(date +%s) - start )) s] $*"; }
+
+stage "devices"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
+
+stage "GPU-only tests"
+# The Pallas GPU kernel natively (values and gradients, float32 and bfloat16), cuDNN, and the
+# decode kernel compiled by Triton; XLA_FLAGS empty, since the tests' conftest would ask for 8
+# host devices, which a GPU run does not need.
+XLA_FLAGS= timeout 240 python -m pytest -q -rfEs -p no:cacheprovider \
+  tests/models/test_attention_kernels.py tests/models/test_decode_attention.py \
+  -k "pallas_gpu or cudnn or natively" 2>&1 | tail -25 | tee "$out/tests.log"
+
+bench() {  # name, then benchmark arguments
+  local name=$1; shift
+  stage "generate $name"
+  timeout 150 python -m scripts.benchmark generate --preset 1b --dtype bfloat16 --prompts 32 \
+    --repeats 3 "$@" > "$out/generate_$name.log" 2>&1
+  local rc=$?
+  grep -E "^(decode step|bandwidth util|compile)" "$out/generate_$name.log"
+  [ $rc -eq 0 ] || { echo "generate $name: exit $rc"; tail -5 "$out/generate_$name.log"; }
+}
+bench default
+bench scan --decode_layers scan
+bench int8 --sample_weights int8
+bench int8_scan --sample_weights int8 --decode_layers scan
+
+stage "summary"
+python - "$out" <<'EOF'
+import glob, json, os, sys
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "generate_*.log"))):
+  lines = [l for l in open(path) if l.startswith("{")]
+  if not lines:
+    print(f"{os.path.basename(path)[9:-4]:10s} no result")
+    continue
+  r = json.loads(lines[-1])
+  print(f"{os.path.basename(path)[9:-4]:10s} {r['decode_layers']:8s} {r['weights']:8s} "
+        f"step {r['decode_step_s'] * 1e3:.3f} ms  {r['decode_step_bytes'] / 2**30:.2f} GiB  "
+        f"{100 * r['bandwidth_utilisation']:.1f}% of {r['memory_bandwidth'] / 1e12:.2f} TB/s "
+        f"({r['bandwidth_source']})")
+EOF
+stage "done"
