@@ -243,19 +243,32 @@ class Attention(nnx.Module):
     """
     if not self.causal:
       raise ValueError("a KV cache serves causal attention only (decoders)")
-    bias = lambda name: getattr(self, name) if self.qkv_bias else None
-    q, k, v = self._project_qkv(x, bias)
-    if self.qk_norm:
-      q, k = self.q_norm(q), self.k_norm(k)
     window, theta, scaling = self.layer_settings(local)
-    q, k = self._rope(q, k, positions, theta, scaling)
     # The GPU decode kernel reads its layer in place from the stacked cache (an unrolled
     # stack hands it over with `cache.layer`); a scanned layer's slice would be copied first.
-    kernel = x.shape[1] == 1 and cache.layer is not None and decode_kernel(
+    decode = x.shape[1] == 1 and cache.layer is not None
+    kernel = lambda joined: decode and decode_kernel(
         head_dim=self.head_dim, heads=self.num_heads, kv_heads=self.num_kv_heads,
-        cache_len=cache.k.shape[-2], batch=x.shape[0])
-    out = kv_cache.attend(q, k, v, segment_ids, cache, self.scale, window=window,
-                          softcap=self.softcap, kernel=kernel)
+        cache_len=cache.k.shape[-2], batch=x.shape[0], joined=joined)
+    joined = getattr(self, "joined", None)
+    if joined is not None and self.use_rope and not self.qk_norm and kernel(True):
+      # One product and the kernel: it splits q / k / v and applies RoPE itself.
+      y = dense(x, joined)
+      if self.qkv_bias:
+        y = y + jnp.concatenate([getattr(self, n)[...].reshape(-1) for n in
+                                 ("q_bias", "k_bias", "v_bias")]).astype(self.dtype)
+      cos, sin = rope_tables(positions, self.head_dim, theta, scaling)
+      out, k, v = kv_cache.attend_joined(
+          y, cos, sin, segment_ids, cache, self.scale, heads=self.num_heads,
+          kv_heads=self.num_kv_heads, window=window, softcap=self.softcap)
+    else:
+      bias = lambda name: getattr(self, name) if self.qkv_bias else None
+      q, k, v = self._project_qkv(x, bias)
+      if self.qk_norm:
+        q, k = self.q_norm(q), self.k_norm(k)
+      q, k = self._rope(q, k, positions, theta, scaling)
+      out = kv_cache.attend(q, k, v, segment_ids, cache, self.scale, window=window,
+                            softcap=self.softcap, kernel=kernel(False))
     out = out * (segment_ids > 0)[:, :, None, None].astype(out.dtype)
     out = constrain(out, ("batch", "length", "act_heads", "act_head_dim"))
     y = dense(out, matrix(self.o, self.dtype), in_dims=2)

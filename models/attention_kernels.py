@@ -35,7 +35,7 @@ and no activation is gathered.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -181,46 +181,45 @@ def decode_local_shape(*, batch: int, heads: int, kv_heads: int
 
 
 def decode_kernel(*, head_dim: int, heads: int, kv_heads: int, cache_len: int,
-                  batch: int) -> bool:
+                  batch: int, joined: bool = False) -> bool:
   """Whether a decode step (one new token per row) traced now attends over its KV cache with
-  models/decode_attention.py's kernel: on a GPU, each device's share of the rows and heads
-  (`decode_local_shape`) within the kernel's constraints; else with the XLA form
-  (models/kv_cache.py `attend`)."""
+  models/decode_attention.py's kernel (`joined`: its form that takes the joined q / k / v
+  projection): on a GPU, each device's share of the rows and heads (`decode_local_shape`)
+  within the kernel's constraints; else with the XLA form (models/kv_cache.py `attend`)."""
   return step_platform() == "gpu" and decode_kernel_fits(
-      head_dim=head_dim, heads=heads, kv_heads=kv_heads, cache_len=cache_len, batch=batch)
+      head_dim=head_dim, heads=heads, kv_heads=kv_heads, cache_len=cache_len, batch=batch,
+      joined=joined)
 
 
 def decode_kernel_fits(*, head_dim: int, heads: int, kv_heads: int, cache_len: int,
-                       batch: int) -> bool:
-  """`decode_kernel` on any platform: the per-device problem is one the kernel serves."""
+                       batch: int, joined: bool = False) -> bool:
+  """`decode_kernel` on any platform: the per-device problem is one the kernel serves (the
+  joined form also needs every head on each device: its columns are the whole projection)."""
   local = decode_local_shape(batch=batch, heads=heads, kv_heads=kv_heads)
-  return local is not None and decode_attention.problem(
-      head_dim=head_dim, heads=local[1], kv_heads=local[2], cache_len=cache_len) is None
+  return (local is not None and not (joined and local[1] != heads)
+          and decode_attention.problem(head_dim=head_dim, heads=local[1], kv_heads=local[2],
+                                       cache_len=cache_len, joined=joined) is None)
 
 
-def decode_per_device(kernel: Callable[..., jax.Array], q: jax.Array, k_new: jax.Array,
-                      v_new: jax.Array, q_segments: jax.Array, cache_k: jax.Array,
-                      cache_v: jax.Array, cache_segments: jax.Array, index: jax.Array
-                      ) -> jax.Array:
-  """`kernel(q, k_new, v_new, q_segments, cache_k, cache_v, cache_segments, index)` (a
-  models/decode_attention.py call) on each device's rows and heads of the traced step's mesh,
-  split as `decode_local_shape` checked: the queries, new keys / values and the cache (one
-  layer's `[batch, kv_heads, slots, head_dim]` or the stacked `[layers, ...]`) by rows and
-  heads, the slot segment ids by rows. Each device reads its own shard of the cache in place;
-  nothing is gathered. Without a mesh (or on one device): a plain call."""
+def decode_per_device(kernel: Callable[..., Any], args: Sequence[jax.Array],
+                      in_axes: Sequence[tuple], out_axes: tuple | list[tuple]) -> Any:
+  """`kernel(*args)` (a models/decode_attention.py call) on each device's share of the traced
+  step's mesh: every array split by its logical axis names (`in_axes`, one tuple a
+  argument; `out_axes`, one tuple, or a list of them for several outputs), as
+  parallel/rules.py splits the arrays themselves. `decode_local_shape` has checked that the
+  split gives each device whole key heads with their query heads and every cache slot. Each
+  device reads its own shard of the cache in place; nothing is gathered. Without a mesh (or
+  on one device): a plain call."""
   context = rules_lib._CONTEXT.get()  # pylint: disable=protected-access
-  args = (q, k_new, v_new, q_segments, cache_k, cache_v, cache_segments, index)
   if context is None or context[0].size == 1:
     return kernel(*args)
   mesh, rules = context
-  spec = lambda name: rules_lib.logical_to_spec((name,), rules, what="decode attention",
-                                                mesh=mesh)[0]
-  rows, heads = spec("batch"), spec("act_kv_heads")
-  tokens, rows_only = P(rows, None, heads, None), P(rows, None)
-  cache = P(*((None,) * (cache_k.ndim - 4)), rows, heads, None, None)
-  return jax.shard_map(kernel, mesh=mesh,
-                       in_specs=(tokens, tokens, tokens, rows_only, cache, cache, rows_only, P()),
-                       out_specs=tokens, check_vma=False)(*args)
+  spec = lambda names: rules_lib.logical_to_spec(names, rules, what="decode attention",
+                                                 mesh=mesh)
+  out_specs = (tuple(spec(n) for n in out_axes) if isinstance(out_axes, list)
+               else spec(out_axes))
+  return jax.shard_map(kernel, mesh=mesh, in_specs=tuple(spec(n) for n in in_axes),
+                       out_specs=out_specs, check_vma=False)(*args)
 
 
 Kernel = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from models.attention_kernels import decode_per_device, step_platform
-from models.decode_attention import decode_attention
+from models.decode_attention import decode_attention, decode_attention_joined
 from models.flash_attention import MASK_VALUE
 from models.layers import dtype_of
 from parallel.rules import Rules, constrain, tree_shardings
@@ -48,6 +48,9 @@ from parallel.rules import Rules, constrain, tree_shardings
 # Logical names: the activation names attention already uses, so every rules preset covers
 # them (`layers` is the scanned-stack parameter name, replicated by every preset).
 KV_AXES = ("layers", "batch", "act_kv_heads", "length", "act_head_dim")
+# The new tokens' queries and keys / values, `[batch, new_len, heads, head_dim]`.
+_Q_AXES = ("batch", "length", "act_heads", "act_head_dim")
+_KV_NEW_AXES = ("batch", "length", "act_kv_heads", "act_head_dim")
 
 
 class KVCache(NamedTuple):
@@ -113,8 +116,10 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
   if n == 1 and kernel:
     run = functools.partial(decode_attention, layer=layer.layer, scale=scale, window=window,
                             softcap=softcap)
-    return decode_per_device(run, q, k_new, v_new, q_segments, layer.k, layer.v,
-                             layer.segment_ids, layer.index)
+    return decode_per_device(
+        run, (q, k_new, v_new, q_segments, layer.k, layer.v, layer.segment_ids, layer.index),
+        (_Q_AXES, _KV_NEW_AXES, _KV_NEW_AXES, ("batch", "length"), *_cache_axes(layer),
+         ("batch", "length"), ()), _Q_AXES)
   if layer.layer is not None:
     layer = layer._replace(k=layer.k[layer.layer], v=layer.v[layer.layer], layer=None)
   q = q.reshape(b, n, kh, h // kh, d)
@@ -160,6 +165,36 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, q_segments: jax.Arr
     cached = jnp.einsum("bkgns,bksd->bnkgd", old, layer.v)
   out = cached + jnp.einsum("bkgnm,bmkd->bnkgd", new, v_new)
   return out.reshape(b, n, h, d).astype(q.dtype)
+
+
+def _cache_axes(layer: KVCache) -> tuple[tuple, tuple]:
+  """Logical axes of the keys and values a layer reads: the stacked buffers (`layer.layer`
+  set) or the layer's own slice."""
+  axes = KV_AXES if layer.layer is not None else KV_AXES[1:]
+  return axes, axes
+
+
+def attend_joined(qkv: jax.Array, cos: jax.Array, sin: jax.Array, q_segments: jax.Array,
+                  layer: KVCache, scale: float, *, heads: int, kv_heads: int, window: int = 0,
+                  softcap: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A decode step's attention from the joined q / k / v projection before RoPE, by
+  models/decode_attention.py's kernel (`decode_attention_joined`: the split and the rotation
+  happen inside it), on each device's rows.
+
+  Args:
+    qkv: `[batch, 1, (heads + 2 kv_heads) * head_dim]`; cos, sin: `[batch, 1, head_dim // 2]`.
+    others: as `attend`.
+  Returns:
+    `(out [batch, 1, heads, head_dim], k_new, v_new [batch, 1, kv_heads, head_dim])`, the key
+    rotated: what `append` stores.
+  """
+  run = functools.partial(decode_attention_joined, heads=heads, kv_heads=kv_heads,
+                          layer=layer.layer, scale=scale, window=window, softcap=softcap)
+  rows = ("batch", "length", None)
+  return decode_per_device(
+      run, (qkv, cos, sin, q_segments, layer.k, layer.v, layer.segment_ids, layer.index),
+      (rows, rows, rows, ("batch", "length"), *_cache_axes(layer), ("batch", "length"), ()),
+      [_Q_AXES, _KV_NEW_AXES, _KV_NEW_AXES])
 
 
 def append(cache: KVCache, k_new: jax.Array, v_new: jax.Array, segment_ids: jax.Array

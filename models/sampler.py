@@ -36,7 +36,8 @@ compiled for an H200, the 1B model's scanned decode step runs 518 kernels moving
 307 kernels moving 2.05 GiB, 259 with each layer's q / k / v and gate / up products joined
 (their kernels concatenated once per call), 195 with attention as one kernel a layer
 (models/decode_attention.py, which reads its layer of the stacked cache in place; the GPU
-sampler allocates the cache in whole blocks of it). scripts/decode_check.py reads these
+sampler allocates the cache in whole blocks of it), 147 with that kernel taking the joined
+projection and applying RoPE itself. scripts/decode_check.py reads these
 figures from the compiled program.
 With int8 weights the GPU sampler also turns XLA's Triton GEMMs back on
 (`GPU_INT8_COMPILER_OPTIONS`), which read int8 weights in the kernel.

@@ -9,7 +9,9 @@ import pytest
 
 from models import kv_cache
 from models.attention_kernels import decode_kernel, decode_kernel_fits, decode_local_shape
-from models.decode_attention import BLOCK_K, cache_length, decode_attention, problem
+from models.decode_attention import (BLOCK_K, cache_length, decode_attention,
+                                     decode_attention_joined, problem)
+from models.layers import apply_rope, rope_tables
 
 CACHE_LEN = 2 * BLOCK_K
 INDEX = 70  # slots written; the kernel's second block is partly unwritten
@@ -72,10 +74,47 @@ def test_kernel_reads_its_layer_of_the_stacked_cache_in_bfloat16():
       _reference(c, layer=2))
 
 
+@pytest.mark.parametrize("heads, kv_heads, head_dim, window, softcap, dtype, layers", [
+    (4, 2, 32, 0, 0.0, jnp.float32, 0),     # grouped-query heads
+    (8, 2, 64, 5, 3.0, jnp.float32, 0),     # a window and soft-capping
+    (4, 4, 32, 0, 0.0, jnp.float32, 2),     # one query head per key head, the stacked cache
+    (16, 8, 32, 0, 0.0, jnp.bfloat16, 2),   # bfloat16, as sampled
+])
+def test_joined_kernel_equals_split_rope_and_the_xla_step(heads, kv_heads, head_dim, window,
+                                                          softcap, dtype, layers):
+  """From the joined projection (the kernel takes each head's columns and applies RoPE): the
+  XLA step's output on the split, rotated q / k / v, and the rotated key and the value it
+  hands back for the cache."""
+  c = _case(heads, kv_heads, head_dim, dtype, layers=layers, seed=3)
+  rng = np.random.default_rng(4)
+  b = c["q"].shape[0]
+  qkv = jnp.asarray(rng.normal(size=(b, 1, (heads + 2 * kv_heads) * head_dim)), dtype)
+  positions = jnp.asarray([[INDEX - 5], [INDEX - 40], [INDEX]])  # the rows' own positions
+  cos, sin = rope_tables(positions, head_dim, 10_000.0)
+  q, k, v = jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
+  q = apply_rope(q.reshape(b, 1, heads, head_dim), cos, sin)
+  k = apply_rope(k.reshape(b, 1, kv_heads, head_dim), cos, sin)
+  v = v.reshape(b, 1, kv_heads, head_dim)
+  want = _reference(dict(c, q=q, k_new=k, v_new=v), layer=1 if layers else None,
+                    window=window, softcap=softcap)
+  out, k_new, v_new = decode_attention_joined(
+      qkv, cos, sin, c["q_segments"], c["cache_k"], c["cache_v"], c["cache_segments"],
+      jnp.int32(INDEX), heads=heads, kv_heads=kv_heads, layer=1 if layers else None,
+      scale=0.3, window=window, softcap=softcap, interpret=True)
+  exact = dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
+                             atol=2e-5 if exact else 2e-2)
+  np.testing.assert_allclose(np.asarray(k_new, np.float32), np.asarray(k, np.float32),
+                             atol=1e-6 if exact else 1e-2)
+  np.testing.assert_array_equal(v_new, v)
+
+
 def test_problems_and_where_the_kernel_runs():
   assert problem(head_dim=128, heads=32, kv_heads=8, cache_len=cache_length(191)) is None
   assert cache_length(191) == 192 and cache_length(64) == 64
   assert "power of two" in problem(head_dim=8, heads=4, kv_heads=2, cache_len=64)
+  assert problem(head_dim=16, heads=4, kv_heads=2, cache_len=64) is None
+  assert "RoPE's halves" in problem(head_dim=16, heads=4, kv_heads=2, cache_len=64, joined=True)
   assert "multiple of" in problem(head_dim=64, heads=4, kv_heads=2, cache_len=100)
   assert "query heads per key head" in problem(head_dim=64, heads=64, kv_heads=2,
                                                cache_len=64)
@@ -132,7 +171,8 @@ def test_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch):
   kernel = functools.partial(decode_attention, interpret=True)
   monkeypatch.setattr(kv_cache, "decode_attention",
                       lambda *a, **kw: calls.append(kw["layer"]) or kernel(*a, **kw))
-  monkeypatch.setattr(attention, "decode_kernel", lambda **kw: True)
+  # The kernel that takes q / k / v apart (head_dim 16 is too narrow for the joined one).
+  monkeypatch.setattr(attention, "decode_kernel", lambda joined=False, **kw: not joined)
   with_kernel = run(True)
   assert sorted(set(calls)) == [0, 1]  # traced once per layer, each reading its own
   np.testing.assert_array_equal(with_kernel["tokens"], plain["tokens"])
@@ -165,6 +205,45 @@ def test_sharded_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch):
   monkeypatch.setattr(attention, "decode_kernel", decode_kernel_fits)  # as on GPUs
   with_kernel = run(True)
   assert set(shapes) == {(1, 1, 2, 16)}  # a device's row and query heads (of one key head)
+  np.testing.assert_array_equal(with_kernel["tokens"], plain["tokens"])
+  np.testing.assert_allclose(with_kernel["log_probs"], plain["log_probs"], atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, fsdp", [
+    (dict(), 0),
+    (dict(qkv_bias=True, rope_theta=500.0), 0),  # Qwen2-style biases
+    (dict(sliding_window=5, attn_softcap=4.0), 0),
+    (dict(), 2),  # rows split over data 4 x fsdp 2: the kernel on each device's row
+])
+def test_sampler_with_the_joined_kernel_equals_the_xla_sampler(monkeypatch, overrides, fsdp):
+  """Unrolled and joined (the GPU default), a decode step hands the kernel the joined q / k /
+  v projection, and it splits and rotates them itself: the same tokens and log-probs as the
+  scanned XLA sampler."""
+  import functools
+  from models import attention, sampler
+  from parallel.rules import get_rules
+  from tests.models.test_sampler import PROMPTS, Model
+  model = Model(num_heads=4, num_kv_heads=2, d_model=128, **overrides)  # head_dim 32
+  prompts = PROMPTS + [[2, 9]]
+  mesh = rules = None
+  if fsdp:
+    mesh, rules, prompts = _mesh(fsdp, 1), get_rules("fsdp_tp"), prompts * 2
+  tokens, lengths = sampler.left_pad(prompts, 8, 0)
+
+  def run(unroll):
+    sample = sampler.make_sampler(model.spec, max_new_tokens=BLOCK_K - 8 + 1, eos_id=-1,
+                                  temperature=1.0, mesh=mesh, rules=rules, unroll=unroll)
+    return jax.device_get(sample(model.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                 jax.random.PRNGKey(5)))
+
+  plain = run(False)
+  calls = []
+  kernel = functools.partial(decode_attention_joined, interpret=True)
+  monkeypatch.setattr(kv_cache, "decode_attention_joined",
+                      lambda qkv, *a, **kw: calls.append(qkv.shape) or kernel(qkv, *a, **kw))
+  monkeypatch.setattr(attention, "decode_kernel", decode_kernel_fits)  # as on GPUs
+  with_kernel = run(True)
+  assert set(calls) == {(1 if fsdp else 4, 1, (4 + 2 * 2) * 32)}  # each layer, its rows
   np.testing.assert_array_equal(with_kernel["tokens"], plain["tokens"])
   np.testing.assert_allclose(with_kernel["log_probs"], plain["log_probs"], atol=1e-5)
 
