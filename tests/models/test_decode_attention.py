@@ -250,9 +250,20 @@ def test_sampler_with_the_joined_kernel_equals_the_xla_sampler(monkeypatch, over
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the kernel runs natively on a GPU")
 def test_kernel_natively_on_a_gpu():
-  """Compiled by Triton and run on the GPU, in bfloat16, over the stacked cache."""
+  """Compiled by Triton and run on the GPU, in bfloat16, over the stacked cache: both forms
+  (the joined one against its run in the interpreter)."""
   c = _case(16, 8, 128, jnp.bfloat16, layers=2)
   want = _reference(c, layer=1)
   got = decode_attention(**c, index=jnp.int32(INDEX), layer=1, scale=0.3)
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              atol=2e-2)
+  qkv = jnp.asarray(np.random.default_rng(4).normal(size=(3, 1, 32 * 128)), jnp.bfloat16)
+  cos, sin = rope_tables(jnp.asarray([[INDEX - 5], [INDEX - 40], [INDEX]]), 128, 10_000.0)
+  args = (qkv, cos, sin, c["q_segments"], c["cache_k"], c["cache_v"], c["cache_segments"],
+          jnp.int32(INDEX))
+  kw = dict(heads=16, kv_heads=8, layer=1, scale=0.3)
+  native = decode_attention_joined(*args, **kw)
+  interpreted = decode_attention_joined(*args, **kw, interpret=True)
+  for a, b in zip(native, interpreted):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=2e-2)

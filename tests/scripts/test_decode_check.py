@@ -47,6 +47,10 @@ def test_unrolled_decode_step_reads_each_weight_once():
   # the stacked cache in place; the scanned step keeps the XLA form.
   assert unrolled["by_kind"]["decode_attention"][0] == 2
   assert "decode_attention" not in scanned["by_kind"]
+  # It takes the joined projection and applies RoPE itself: no rotation (a concatenation of
+  # the halves) is left in the step but the cache's append.
+  assert all("dynamic-update-slice" in k for k in unrolled["by_kind"] if "concatenate" in k)
+  assert any("concatenate" in k and "dynamic-update-slice" not in k for k in scanned["by_kind"])
   # The slices are made after the prefill's stacked copy is freed: no extra memory.
   assert unrolled["temp_bytes"] <= 1.05 * scanned["temp_bytes"]
   # int8: the Triton GEMMs read the int8 weights (no converted copies), fewer bytes.
