@@ -8,12 +8,17 @@ only GEMM autotuning, which needs the device, is skipped (XLA's default choices 
 
 Needs the plugin, without the CUDA libraries: `pip install -e .[gpu_aot]` (jax[cuda12-local],
 at the installed jax's version). JAX itself stays on the CPU (`JAX_PLATFORMS=cpu`).
-scripts/decode_check.py compiles the sampler this way.
+scripts/decode_check.py compiles the sampler this way, and scripts/compile_check.py every
+program of a stage for a GPU cluster (`GpuTarget`: `h200:8` one host of eight GPUs,
+`h100:4x8` four hosts of eight).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import os
+import re
 
 from jax.experimental import topologies
 
@@ -66,9 +71,62 @@ def cuda_plugin_installed() -> bool:
 
 def gpu_devices(name: str, count: int = 1) -> list:
   """`count` compile-only devices of GPU `name` on one host."""
+  return gpu_target_devices(GpuTarget(name, 1, count))
+
+
+# JAX's allocator takes this fraction of a GPU's memory at start unless told otherwise.
+DEFAULT_MEM_FRACTION = 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+  """GPU hosts to compile for: `hosts` machines of `per_host` GPUs of kind `name`."""
+  name: str
+  hosts: int
+  per_host: int
+  mem_fraction: float = DEFAULT_MEM_FRACTION
+
+  @property
+  def gpus(self) -> int:
+    return self.hosts * self.per_host
+
+  @property
+  def hbm_bytes(self) -> int:
+    """A program's budget per GPU: the share of its memory JAX's allocator takes."""
+    return int(GPU_SPECS[self.name][1] * self.mem_fraction)
+
+  def __str__(self) -> str:
+    hosts = f"{self.hosts} hosts x {self.per_host}" if self.hosts > 1 else f"{self.per_host}"
+    return (f"{self.name}:{self.hosts}x{self.per_host} ({hosts} {GPU_SPECS[self.name][5]}; "
+            f"{self.mem_fraction:g} of each GPU's memory, XLA_PYTHON_CLIENT_MEM_FRACTION)")
+
+
+def parse_gpu_target(text: str, environ=None) -> GpuTarget | None:
+  """`h200:8` (one host of 8), `h200:16` (8 a host), `h100:4x8` (4 hosts of 8) as a
+  `GpuTarget`; None when `text` names no GPU (a TPU topology). The memory fraction is the
+  run's own: XLA_PYTHON_CLIENT_MEM_FRACTION when set, else JAX's default."""
+  name, _, shape = text.lower().partition(":")
+  if name not in GPU_SPECS:
+    return None
+  match = re.fullmatch(r"(?:(\d+)x)?(\d+)", shape or "1")
+  if match is None:
+    raise ValueError(f"GPU target {text!r}: expected {name}:GPUS or {name}:HOSTSxGPUS")
+  hosts, gpus = match.group(1), int(match.group(2))
+  if hosts is None:  # a count: whole hosts of up to eight
+    hosts, gpus = (gpus // 8, 8) if gpus > 8 and gpus % 8 == 0 else (1, gpus)
+  environ = os.environ if environ is None else environ
+  fraction = float(environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION))
+  if gpus > 8 or gpus < 1 or int(hosts) < 1:
+    raise ValueError(f"GPU target {text!r}: 1 to 8 GPUs a host ({name}:HOSTSxGPUS)")
+  return GpuTarget(name, int(hosts), gpus, fraction)
+
+
+def gpu_target_devices(target: GpuTarget) -> list:
+  """The compile-only devices of `target`, every host's."""
   if not cuda_plugin_installed():
     raise RuntimeError("compiling for a GPU here needs JAX's CUDA plugin: "
                        "pip install -e .[gpu_aot]")
-  topology = topologies.get_topology_desc(name, "cuda", target_config=target_config(name),
-                                          topology=f"1x1x{count}")
+  topology = topologies.get_topology_desc(
+      target.name, "cuda", target_config=target_config(target.name),
+      topology=f"1x{target.hosts}x{target.per_host}")
   return list(topology.devices)

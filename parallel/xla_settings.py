@@ -84,6 +84,15 @@ def flags_for(platform: str, *, benchmark: bool = False) -> tuple[str, ...]:
   return ()
 
 
+def compiler_options(flags: tuple[str, ...]) -> dict[str, bool | int | str]:
+  """`--name=value` XLA flags as `compile()` options: a program compiled ahead of time for
+  another platform (parallel/gpu_target.py) gets the flags a run there would start with,
+  whatever XLA_FLAGS this process has."""
+  def value(text):
+    return {"true": True, "false": False}.get(text, int(text) if text.isdigit() else text)
+  return {name: value(v) for name, v in (flag.lstrip("-").split("=", 1) for flag in flags)}
+
+
 def add_flags(current: str, wanted: tuple[str, ...]) -> str:
   """`current` XLA_FLAGS plus each of `wanted` whose flag name it does not already set."""
   present = {f.split("=")[0] for f in current.split()}

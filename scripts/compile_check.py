@@ -7,10 +7,15 @@
       --config.reward.model=runs/rm --frozen reward_model=1b               # PPO: four models
   python -m scripts.compile_check --config configs/distill.py:1b_from_8b --topology v5p-128 \\
       --frozen teacher=llama3_8b                                     # no teacher run here
+  python -m scripts.compile_check --config configs/pretrain.py:llama3_8b --topology h100:2x8
   python -m scripts.compile_check --config configs/pretrain.py:tiny               # this machine
 
 No TPU is needed: libtpu (`pip install -e .[tpu]`) describes the topology's chips and compiles
-for them while JAX itself stays on the CPU. The programs are the ones training runs
+for them while JAX itself stays on the CPU. Nor a GPU: `--topology h200:8` (a host of eight),
+`h100:4x8` (four hosts of eight) compile through JAX's CUDA plugin (`pip install -e
+.[gpu_aot]`, parallel/gpu_target.py) under the XLA flags a GPU run gets, against the share of
+each GPU's memory JAX's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by default: set
+it as the run will). The programs are the ones training runs
 (training/programs.py: the train step of every stage, the cached-reference pass, and the RL
 sampler, reward-model and log-prob passes), built from shapes only. For each it prints
 
@@ -43,17 +48,20 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs.cli import parse_flags
+from parallel.gpu_target import gpu_target_devices, parse_gpu_target
 from parallel.hlo_stats import collective_stats
 from parallel.rules import describe_layout
 from parallel.tpu_topology import parse_topology, topology_devices
+from parallel.xla_settings import GPU_FLAGS, compiler_options
 from training.programs import batch_knob, batch_unit, stage_programs
 from training.registry import get_stage
 from training.setup import build_setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:preset].",
                                           lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology (v5e:16x16, v5p-128, ...); "
-                                "empty: this machine's devices.")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology (v5e:16x16, v5p-128, ...), or "
+                                "GPUs (h200:8, h100:4x8: hosts x GPUs); empty: this machine's "
+                                "devices.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over DCN; "
                                    "set config.mesh.dcn_* to match (e.g. dcn_data).")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Memory budget per device in GiB (default: the "
@@ -130,6 +138,11 @@ def _flops(compiled) -> float:
   return float((analysis or {}).get("flops", 0.0))
 
 
+def _options(stage) -> dict[str, Any] | None:
+  """Compile options of the stage's devices: a GPU run's XLA flags when they are GPUs."""
+  return compiler_options(GPU_FLAGS) if stage.mesh.devices.flat[0].platform == "gpu" else None
+
+
 def measure(program, stage, budget: int | None) -> dict[str, Any]:
   """Compiles one training/programs.py Program; its memory, FLOPs, collectives and verdict.
 
@@ -139,7 +152,7 @@ def measure(program, stage, budget: int | None) -> dict[str, Any]:
   other = sum(stage.resident_bytes(n) for n in program.resident if n not in program.uses)
   out = dict(name=program.name, what=program.what, other_resident=other)
   try:
-    compiled = program.lower().compile()
+    compiled = program.lower().compile(_options(stage))
   except jax.errors.JaxRuntimeError as e:
     # The TPU compiler refuses a program whose buffers exceed the usable HBM, or one whose
     # fusion needs more on-chip VMEM than there is.
@@ -186,9 +199,14 @@ def report_program(r: dict[str, Any], budget: int | None, say) -> None:
       f"{_gib(r['code'])}: program {_gib(r['total'])}")
   say(f"            + resident, not its arguments {_gib(r['other_resident'])} = peak "
       f"{_gib(r['peak'])}{_verdict(r['peak'], budget)}")
-  ratio = r["compiled_flops"] / r["counted_flops"] if r["counted_flops"] else float("nan")
-  say(f"  flops     compiled {r['compiled_flops']:.3g} per device, model {r['counted_flops']:.3g}"
-      f" (x{ratio:.2f}; both a loop body once); model per run {r['model_flops']:.3g}")
+  if r["compiled_flops"]:
+    ratio = r["compiled_flops"] / r["counted_flops"] if r["counted_flops"] else float("nan")
+    say(f"  flops     compiled {r['compiled_flops']:.3g} per device, model "
+        f"{r['counted_flops']:.3g} (x{ratio:.2f}; both a loop body once); model per run "
+        f"{r['model_flops']:.3g}")
+  else:  # XLA:GPU's ahead-of-time compile reports no cost analysis
+    say(f"  flops     model {r['counted_flops']:.3g} per device (a loop body once), "
+        f"{r['model_flops']:.3g} per run; the compiler reports none")
   loops = (f" [{r['loops']} loops, {r['unbounded_loops']} without a constant bound: counted "
            "once]" if r["unbounded_loops"] else f" [{r['loops']} loops]" if r["loops"] else "")
   say(f"  mesh      {r['collectives_text']} per run{loops}")
@@ -286,7 +304,13 @@ def check(config, *, topology: str = "", num_slices: int = 1, hbm_gib: float | N
   say = lambda text, end="\n": print(text, file=out, flush=True, end=end)
   presets = presets or {}
   devices, budget, target_name = None, None, "this machine"
-  if topology:
+  gpus = parse_gpu_target(topology) if topology else None
+  if gpus is not None:
+    if num_slices != 1:
+      raise app.UsageError("GPU hosts go in --topology (h100:4x8), not --num_slices")
+    devices = gpu_target_devices(gpus)
+    budget, target_name = gpus.hbm_bytes, str(gpus)
+  elif topology:
     target = parse_topology(topology, num_slices)
     devices = topology_devices(target)
     budget, target_name = target.hbm_bytes, str(target)

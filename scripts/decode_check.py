@@ -50,7 +50,7 @@ from parallel.mesh import make_mesh
 from parallel.peak import published_memory_bandwidth
 from parallel.rules import batch_sharding, get_rules, tree_shardings
 from parallel.tpu_topology import parse_topology, topology_devices
-from parallel.xla_settings import GPU_FLAGS
+from parallel.xla_settings import GPU_FLAGS, compiler_options
 from scripts.benchmarks.generation import decode_bytes
 
 _TARGET = flags.DEFINE_string("target", "h200", "A GPU (" + ", ".join(sorted(GPU_SPECS))
@@ -69,12 +69,9 @@ _LAYERS = flags.DEFINE_enum("decode_layers", "auto", ["auto", "scan", "unrolled"
 
 
 def gpu_compiler_options(weights: str = "compute") -> dict[str, Any]:
-  """GPU_FLAGS as compile options (they then hold whatever XLA_FLAGS the process started
-  with), with the sampler's own GPU options for `weights` on top, as a GPU run compiles it."""
-  def value(text):
-    return {"true": True, "false": False}.get(text, int(text) if text.isdigit() else text)
-  options = {name: value(v) for name, v in (flag.lstrip("-").split("=", 1)
-                                            for flag in GPU_FLAGS)}
+  """GPU_FLAGS as compile options, with the sampler's own GPU options for `weights` on top,
+  as a GPU run compiles it."""
+  options = compiler_options(GPU_FLAGS)
   if weights == "int8":
     options.update(GPU_INT8_COMPILER_OPTIONS)
   return options

@@ -22,6 +22,7 @@ from configs import cpt, distill, dpo, grpo, mlm, online_dpo, ppo, pretrain, rew
 from data.conversation import Prompt
 from models.build import count_params
 from models.lora import trained_count
+from parallel.gpu_target import cuda_plugin_installed, parse_gpu_target
 from parallel.hlo_stats import collective_stats
 from parallel.tpu_topology import parse_topology, topology_devices
 from scripts.benchmarks.generation import generation_flops
@@ -62,6 +63,42 @@ def test_parse_topology_errors():
     parse_topology("v5p:4x4")
   with pytest.raises(ValueError, match="expected gen:AxB"):
     parse_topology("a big pod")
+
+
+def test_parse_gpu_targets():
+  """GPU hosts: a count (whole hosts of eight past eight) or hosts x GPUs; the budget is the
+  share of each GPU's memory JAX's allocator takes, the run's own setting."""
+  eight = parse_gpu_target("h200:8", {})
+  assert (eight.hosts, eight.per_host, eight.gpus) == (1, 8, 8)
+  assert eight.hbm_bytes == int(151_397_597_184 * 0.75)
+  assert (parse_gpu_target("h100:16", {}).hosts, parse_gpu_target("H100:4x8", {}).gpus) == (2, 32)
+  assert parse_gpu_target("h200", {}).gpus == 1
+  fuller = parse_gpu_target("h100:2", {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"})
+  assert fuller.hbm_bytes == int(85_520_809_984 * 0.95)
+  assert parse_gpu_target("v5e:2x2", {}) is None  # a TPU topology
+  with pytest.raises(ValueError, match="1 to 8 GPUs a host"):
+    parse_gpu_target("h200:12", {})
+  with pytest.raises(ValueError, match="expected h200:GPUS or h200:HOSTSxGPUS"):
+    parse_gpu_target("h200:many", {})
+
+
+@pytest.mark.skipif(not cuda_plugin_installed(), reason="compiling for a GPU needs JAX's CUDA "
+                    "plugin (pip install -e .[gpu_aot])")
+def test_cli_compiles_train_step_for_two_hosts_of_gpus():
+  # Two hosts of two H100s, FSDP over all four: compiled under a GPU run's XLA flags.
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+  result = subprocess.run(
+      [sys.executable, "-m", "scripts.compile_check", "--config", "configs/pretrain.py:tiny",
+       "--topology", "h100:2x2", "--config.mesh.fsdp=4", "--config.mesh.data=1"] + SHRINK,
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("target      h100:2x2 (2 hosts x 2 NVIDIA H100 80GB HBM3; 0.75 ")
+  summary = json.loads(lines[-1])
+  assert summary["fits"] is True and summary["devices"] == 4
+  assert summary["budget"] == int(85_520_809_984 * 0.75)
+  (step,) = summary["programs"]
+  assert step["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the weights
 
 
 def test_parse_out_of_memory():
