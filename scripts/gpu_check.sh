@@ -3,13 +3,16 @@
 # benchmarks whose figures the README's "Benchmarks" section reports.
 #
 #   pip install -e . "jax[cuda12]" pytest && bash scripts/gpu_check.sh [OUT_DIR]
+#   CLM=1 bash scripts/gpu_check.sh        # and the 1B training step's MFU (3 more minutes)
 #
 # 1. tests that only a GPU runs: the Pallas (Triton) and cuDNN attention kernels against the
 #    dense reference, and the decode-attention kernel compiled by Triton and run;
 # 2. `benchmark generate` on the 1B model (bfloat16, 32 prompts of 64 tokens, 128 new):
 #    the GPU's default decode step (layers unrolled, q/k/v and gate/up joined, the decode
 #    kernel) beside the scanned step, each with bfloat16 and int8 sampling weights;
-# 3. one line per run: decode step time and memory-bandwidth utilisation.
+# 3. one line per run: decode step time and memory-bandwidth utilisation;
+# 4. with CLM=1, `benchmark clm` on the 1B model (bfloat16, 16 x 2048 tokens, full remat):
+#    tokens/s and MFU against the chip's peak and the matmul rate measured beside it.
 # Each run has its own time limit, so one that hangs cannot take the rest with it; each
 # benchmark's full output and JSON line are kept in OUT_DIR (default: gpu_check_out).
 set -uo pipefail
@@ -45,6 +48,13 @@ bench default
 bench scan --decode_layers scan
 bench int8 --sample_weights int8
 bench int8_scan --sample_weights int8 --decode_layers scan
+
+if [ "${CLM:-0}" = 1 ]; then
+  stage "clm 1b"
+  timeout 200 python -m scripts.benchmark clm --preset 1b --dtype bfloat16 --batch 16 \
+    --remat full --steps 6 --warmup 1 > "$out/clm_1b.log" 2>&1
+  grep -E "^(step time|tokens/s|model FLOP/s|peak|MFU)" "$out/clm_1b.log" || tail -5 "$out/clm_1b.log"
+fi
 
 stage "summary"
 python - "$out" <<'EOF'
