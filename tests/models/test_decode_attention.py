@@ -149,47 +149,15 @@ def test_each_devices_share_of_a_decode_step():
     assert decode_local_shape(batch=8, heads=16, kv_heads=4) is None
 
 
-def test_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch):
-  """The unrolled decode steps with attention by the kernel (made to run here, interpreted,
-  as on a GPU) give the scanned XLA sampler's tokens and log-probs: the kernel reads each
-  layer of the stacked cache in place at the right index, with the prompts' padding."""
+def _sampler_with_kernel(monkeypatch, model, prompts, kernel, decide, mesh=None, rules=None):
+  """Samples with the scanned XLA sampler, then unrolled with models/kv_cache.py's `kernel`
+  (a models/decode_attention.py function's name) run in Pallas's interpreter wherever
+  `decide` (standing in for `attention_kernels.decode_kernel`) says, as on a GPU; checks both
+  give the same tokens and log-probs, and returns each traced call's (first argument's shape,
+  layer)."""
   import functools
   from models import attention, sampler
-  from tests.models.test_sampler import PROMPTS, Model
-  model = Model(num_heads=4, num_kv_heads=2, d_model=64)  # head_dim 16
-  tokens, lengths = sampler.left_pad(PROMPTS, 8, 0)
-  new_tokens = BLOCK_K - 8 + 1  # the cache: one whole block of slots
-
-  def run(unroll):
-    sample = sampler.make_sampler(model.spec, max_new_tokens=new_tokens, eos_id=-1,
-                                  temperature=1.0, unroll=unroll)
-    return jax.device_get(sample(model.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                 jax.random.PRNGKey(5)))
-
-  plain = run(False)
-  calls = []
-  kernel = functools.partial(decode_attention, interpret=True)
-  monkeypatch.setattr(kv_cache, "decode_attention",
-                      lambda *a, **kw: calls.append(kw["layer"]) or kernel(*a, **kw))
-  # The kernel that takes q / k / v apart (head_dim 16 is too narrow for the joined one).
-  monkeypatch.setattr(attention, "decode_kernel", lambda joined=False, **kw: not joined)
-  with_kernel = run(True)
-  assert sorted(set(calls)) == [0, 1]  # traced once per layer, each reading its own
-  np.testing.assert_array_equal(with_kernel["tokens"], plain["tokens"])
-  np.testing.assert_allclose(with_kernel["log_probs"], plain["log_probs"], atol=1e-5)
-
-
-def test_sharded_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch):
-  """On a data x fsdp x tensor mesh the kernel runs inside shard_map on each device's rows
-  and heads of the stacked cache (interpreted here, as on GPUs): the same tokens and
-  log-probs as the scanned XLA sampler on the same mesh."""
-  import functools
-  from models import attention, sampler
-  from parallel.rules import get_rules
-  from tests.models.test_sampler import PROMPTS, Model
-  model = Model(num_heads=4, num_kv_heads=2, d_model=64)  # head_dim 16
-  tokens, lengths = sampler.left_pad(PROMPTS + [[2, 9]], 8, 0)  # 4 rows over data x fsdp
-  mesh, rules = _mesh(2, 2), get_rules("fsdp_tp")
+  tokens, lengths = sampler.left_pad(prompts, 8, 0)
 
   def run(unroll):
     sample = sampler.make_sampler(model.spec, max_new_tokens=BLOCK_K - 8 + 1, eos_id=-1,
@@ -198,15 +166,40 @@ def test_sharded_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch):
                                  jax.random.PRNGKey(5)))
 
   plain = run(False)
-  shapes = []
-  kernel = functools.partial(decode_attention, interpret=True)
-  monkeypatch.setattr(kv_cache, "decode_attention",
-                      lambda q, *a, **kw: shapes.append(q.shape) or kernel(q, *a, **kw))
-  monkeypatch.setattr(attention, "decode_kernel", decode_kernel_fits)  # as on GPUs
+  calls = []
+  interpreted = functools.partial(getattr(kv_cache, kernel), interpret=True)
+  monkeypatch.setattr(kv_cache, kernel, lambda x, *a, **kw: calls.append(
+      (x.shape, kw["layer"])) or interpreted(x, *a, **kw))
+  monkeypatch.setattr(attention, "decode_kernel", decide)
   with_kernel = run(True)
-  assert set(shapes) == {(1, 1, 2, 16)}  # a device's row and query heads (of one key head)
   np.testing.assert_array_equal(with_kernel["tokens"], plain["tokens"])
   np.testing.assert_allclose(with_kernel["log_probs"], plain["log_probs"], atol=1e-5)
+  return calls
+
+
+def test_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch):
+  """The unrolled decode steps with attention by the kernel give the scanned XLA sampler's
+  tokens and log-probs: the kernel reads each layer of the stacked cache in place at the
+  right index, with the prompts' padding (the cache: one whole block of slots)."""
+  from tests.models.test_sampler import PROMPTS, Model
+  model = Model(num_heads=4, num_kv_heads=2, d_model=64)  # head_dim 16
+  # The kernel that takes q / k / v apart (head_dim 16 is too narrow for the joined one).
+  calls = _sampler_with_kernel(monkeypatch, model, PROMPTS, "decode_attention",
+                               lambda joined=False, **kw: not joined)
+  assert sorted({layer for _, layer in calls}) == [0, 1]  # once per layer, each its own
+
+
+def test_sharded_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch):
+  """On a data x fsdp x tensor mesh the kernel runs inside shard_map on each device's rows
+  and heads of the stacked cache: the same tokens and log-probs as the scanned XLA sampler
+  on the same mesh."""
+  from parallel.rules import get_rules
+  from tests.models.test_sampler import PROMPTS, Model
+  model = Model(num_heads=4, num_kv_heads=2, d_model=64)  # head_dim 16
+  calls = _sampler_with_kernel(monkeypatch, model, PROMPTS + [[2, 9]], "decode_attention",
+                               decode_kernel_fits, _mesh(2, 2), get_rules("fsdp_tp"))
+  # A device's row and the query heads of its key head.
+  assert {shape for shape, _ in calls} == {(1, 1, 2, 16)}
 
 
 @pytest.mark.parametrize("overrides, fsdp", [
@@ -219,33 +212,17 @@ def test_sampler_with_the_joined_kernel_equals_the_xla_sampler(monkeypatch, over
   """Unrolled and joined (the GPU default), a decode step hands the kernel the joined q / k /
   v projection, and it splits and rotates them itself: the same tokens and log-probs as the
   scanned XLA sampler."""
-  import functools
-  from models import attention, sampler
   from parallel.rules import get_rules
   from tests.models.test_sampler import PROMPTS, Model
   model = Model(num_heads=4, num_kv_heads=2, d_model=128, **overrides)  # head_dim 32
-  prompts = PROMPTS + [[2, 9]]
-  mesh = rules = None
+  prompts, mesh = PROMPTS + [[2, 9]], None
   if fsdp:
-    mesh, rules, prompts = _mesh(fsdp, 1), get_rules("fsdp_tp"), prompts * 2
-  tokens, lengths = sampler.left_pad(prompts, 8, 0)
-
-  def run(unroll):
-    sample = sampler.make_sampler(model.spec, max_new_tokens=BLOCK_K - 8 + 1, eos_id=-1,
-                                  temperature=1.0, mesh=mesh, rules=rules, unroll=unroll)
-    return jax.device_get(sample(model.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                 jax.random.PRNGKey(5)))
-
-  plain = run(False)
-  calls = []
-  kernel = functools.partial(decode_attention_joined, interpret=True)
-  monkeypatch.setattr(kv_cache, "decode_attention_joined",
-                      lambda qkv, *a, **kw: calls.append(qkv.shape) or kernel(qkv, *a, **kw))
-  monkeypatch.setattr(attention, "decode_kernel", decode_kernel_fits)  # as on GPUs
-  with_kernel = run(True)
-  assert set(calls) == {(1 if fsdp else 4, 1, (4 + 2 * 2) * 32)}  # each layer, its rows
-  np.testing.assert_array_equal(with_kernel["tokens"], plain["tokens"])
-  np.testing.assert_allclose(with_kernel["log_probs"], plain["log_probs"], atol=1e-5)
+    prompts, mesh = prompts * 2, _mesh(fsdp, 1)
+  calls = _sampler_with_kernel(monkeypatch, model, prompts, "decode_attention_joined",
+                               decode_kernel_fits, mesh, get_rules("fsdp_tp") if fsdp else None)
+  # Each layer's projection, of a device's rows.
+  assert {shape for shape, _ in calls} == {(1 if fsdp else 4, 1, (4 + 2 * 2) * 32)}
+  assert sorted({layer for _, layer in calls}) == [0, 1]
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the kernel runs natively on a GPU")
