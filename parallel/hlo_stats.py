@@ -373,6 +373,20 @@ def loop_kernel_stats(text: str, loop: int = -1,
            for m in [_WHILE.search(line)] if m]
   if not loops:
     raise ValueError("no while loop in the entry computation")
+  return _stats(computations, loops[loop][1], readers)
+
+
+def program_kernel_stats(text: str, readers: Mapping[str, Reader] | None = None
+                         ) -> KernelStats:
+  """`loop_kernel_stats` of a whole run of the program: the entry computation's own kernels
+  and every loop's, each by its trip count."""
+  computations, entry = split_computations(text)
+  return _stats(computations, entry, readers)
+
+
+def _stats(computations: dict[str, list[str]], body: str,
+           readers: Mapping[str, Reader] | None) -> KernelStats:
+  """Kernels and traffic of one run of computation `body`, nested loops by trip count."""
   count = read = written = 0
   by_kind: dict[str, tuple[int, int]] = {}
 
@@ -389,5 +403,5 @@ def loop_kernel_stats(text: str, loop: int = -1,
       if nested:
         visit(nested.group(2), times * (trip_count(line, computations) or 1))
 
-  visit(loops[loop][1], 1)
+  visit(body, 1)
   return KernelStats(kernels=count, read=read, written=written, by_kind=by_kind)

@@ -48,8 +48,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs.cli import parse_flags
-from parallel.gpu_target import gpu_target_devices, parse_gpu_target
-from parallel.hlo_stats import collective_stats
+from parallel.gpu_target import GPU_SPECS, gpu_target_devices, parse_gpu_target
+from parallel.hlo_stats import collective_stats, program_kernel_stats
 from parallel.rules import describe_layout
 from parallel.tpu_topology import parse_topology, topology_devices
 from parallel.xla_settings import GPU_FLAGS, compiler_options
@@ -173,8 +173,26 @@ def measure(program, stage, budget: int | None) -> dict[str, Any]:
                           for op in stats.count if stats.count[op]},
              collectives_text=stats.summary(), loops=stats.loops,
              unbounded_loops=stats.unbounded_loops)
+  if _options(stage):  # GPU: what its kernels move (TPU's fusions are estimated too roughly)
+    out["traffic"] = gpu_traffic(compiled.as_text(), stage.mesh.devices.flat[0].device_kind)
   out["fits"] = None if budget is None else out["peak"] <= budget
   return out
+
+
+def gpu_traffic(text: str, device_kind: str) -> dict[str, Any]:
+  """A GPU program's kernels and the bytes they move in one run (parallel/hlo_stats.py's
+  estimate from shapes), split into GEMMs (cuBLAS calls, XLA's Triton dot fusions), custom
+  kernels (Pallas, cuDNN) and the other fusions, whose bytes at the GPU's published bandwidth
+  bound the time of the memory-bound work between the matrix products."""
+  stats = program_kernel_stats(text)
+  moved = dict(gemm=0, custom=0, other=0)
+  for kind, (_, n) in stats.by_kind.items():
+    group = ("gemm" if "cublas" in kind or "dot" in kind.split(",") else
+             "custom" if kind.startswith("__") else "other")
+    moved[group] += n
+  bandwidth = next((spec[2] for spec in GPU_SPECS.values() if spec[5] == device_kind), None)
+  return dict(kernels=stats.kernels, moved=moved, bandwidth=bandwidth,
+              other_s=moved["other"] / bandwidth if bandwidth else None)
 
 
 def _gib(n: int) -> str:
@@ -210,6 +228,13 @@ def report_program(r: dict[str, Any], budget: int | None, say) -> None:
   loops = (f" [{r['loops']} loops, {r['unbounded_loops']} without a constant bound: counted "
            "once]" if r["unbounded_loops"] else f" [{r['loops']} loops]" if r["loops"] else "")
   say(f"  mesh      {r['collectives_text']} per run{loops}")
+  if r.get("traffic"):
+    t, moved = r["traffic"], r["traffic"]["moved"]
+    bound = (f" = {t['other_s'] * 1e3:.1f} ms at the published {t['bandwidth'] / 1e12:.3g} TB/s"
+             if t["other_s"] is not None else "")
+    say(f"  traffic   {t['kernels']} kernels a run moving {_gib(sum(moved.values()))} "
+        f"(estimated): GEMMs {_gib(moved['gemm'])}, custom kernels {_gib(moved['custom'])}, "
+        f"other fusions {_gib(moved['other'])}{bound}")
   say(f"  compile   {r['seconds']:.1f} s")
 
 

@@ -1,6 +1,8 @@
-"""parallel/hlo_stats.py's kernel and traffic count of a loop body, on a hand-written program."""
+"""parallel/hlo_stats.py's kernel and traffic count of a loop body and of a whole program, on a
+hand-written program."""
 
-from parallel.hlo_stats import loop_kernel_stats, trip_count, split_computations
+from parallel.hlo_stats import (loop_kernel_stats, program_kernel_stats, split_computations,
+                                trip_count)
 
 # A decode-like program in XLA:GPU's compiled-text form: a first loop (a prefill) and the
 # last one (the decode loop), whose body slices a layer out of a stacked weight (a copy
@@ -116,3 +118,12 @@ def test_a_reader_gives_a_custom_calls_bytes():
   assert seen == [["bf16[2,8]{1,0}", "bf16[8,16]{1,0}"]]
   assert stats.by_kind["gemm"] == (1, 100 + 64)
   assert stats.read == (256 + 4) + 100 + (128 + 4) + 3 * 256
+
+
+def test_a_whole_program_counts_each_loop_by_its_trip_count():
+  """The entry's own kernels (none here but its loops), the first loop's add 4 times, and the
+  decode loop, whose bound is unknown, once."""
+  whole, decode = program_kernel_stats(PROGRAM), loop_kernel_stats(PROGRAM)
+  assert whole.kernels == 4 + decode.kernels
+  assert (whole.read, whole.written) == (4 * 256 + decode.read, 4 * 128 + decode.written)
+  assert whole.by_kind[""] == (4 + 3, 7 * (256 + 128))

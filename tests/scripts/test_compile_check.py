@@ -99,6 +99,12 @@ def test_cli_compiles_train_step_for_two_hosts_of_gpus():
   assert summary["budget"] == int(85_520_809_984 * 0.75)
   (step,) = summary["programs"]
   assert step["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the weights
+  # What its kernels move: the GEMMs, the rest, and the rest's time at 3.35 TB/s.
+  traffic = step["traffic"]
+  assert traffic["kernels"] > 0 and traffic["bandwidth"] == 3.35e12
+  assert traffic["moved"]["gemm"] > 0 and traffic["moved"]["other"] > 0
+  assert traffic["other_s"] == traffic["moved"]["other"] / 3.35e12
+  assert any(line.startswith("  traffic ") for line in lines)
 
 
 def test_parse_out_of_memory():
