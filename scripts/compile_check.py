@@ -49,7 +49,8 @@ from ml_collections import config_flags
 
 from configs.cli import parse_flags
 from parallel.gpu_target import GPU_SPECS, gpu_target_devices, parse_gpu_target
-from parallel.hlo_stats import collective_stats, program_kernel_stats
+from parallel.hlo_stats import collective_stats
+from parallel.kernel_stats import program_kernel_stats
 from parallel.rules import describe_layout
 from parallel.tpu_topology import parse_topology, topology_devices
 from parallel.xla_settings import GPU_FLAGS, compiler_options
@@ -180,7 +181,7 @@ def measure(program, stage, budget: int | None) -> dict[str, Any]:
 
 
 def gpu_traffic(text: str, device_kind: str) -> dict[str, Any]:
-  """A GPU program's kernels and the bytes they move in one run (parallel/hlo_stats.py's
+  """A GPU program's kernels and the bytes they move in one run (parallel/kernel_stats.py's
   estimate from shapes), split into GEMMs (cuBLAS calls, XLA's Triton dot fusions), custom
   kernels (Pallas, cuDNN) and the other fusions, whose bytes at the GPU's published bandwidth
   bound the time of the memory-bound work between the matrix products."""

@@ -11,7 +11,7 @@ once, in as few kernels as possible. This compiles `scripts.benchmark generate`'
 (random prompts, the preset's model, `models.sampler.make_sampler`) for the target without
 it: a GPU through JAX's CUDA plugin (parallel/gpu_target.py; under the flags a GPU run gets,
 parallel/xla_settings.py GPU_FLAGS), a TPU chip through libtpu (parallel/tpu_topology.py). It
-reads the compiled decode loop (parallel/hlo_stats.py `loop_kernel_stats`):
+reads the compiled decode loop (parallel/kernel_stats.py `loop_kernel_stats`):
 
   kernels  launches per decode step, by kind (GEMMs and Pallas kernels by name, fusions by
            the ops they hold)
@@ -45,7 +45,8 @@ from models.build import build_model_spec
 from models.sampler import (GPU_INT8_COMPILER_OPTIONS, check_length, make_sampler,
                             unrolls_decode)
 from parallel.gpu_target import GPU_SPECS, gpu_devices
-from parallel.hlo_stats import format_bytes, loop_kernel_stats, shape_bytes, shape_dims
+from parallel.hlo_stats import format_bytes, shape_bytes
+from parallel.kernel_stats import loop_kernel_stats, shape_dims
 from parallel.mesh import make_mesh
 from parallel.peak import published_memory_bandwidth
 from parallel.rules import batch_sharding, get_rules, tree_shardings

@@ -1,8 +1,8 @@
-"""parallel/hlo_stats.py's kernel and traffic count of a loop body and of a whole program, on a
-hand-written program."""
+"""parallel/kernel_stats.py's kernel and traffic count of a loop body and of a whole program,
+on a hand-written program (and parallel/hlo_stats.py's trip counts of its loops)."""
 
-from parallel.hlo_stats import (loop_kernel_stats, program_kernel_stats, split_computations,
-                                trip_count)
+from parallel.hlo_stats import split_computations, trip_count
+from parallel.kernel_stats import loop_kernel_stats, program_kernel_stats
 
 # A decode-like program in XLA:GPU's compiled-text form: a first loop (a prefill) and the
 # last one (the decode loop), whose body slices a layer out of a stacked weight (a copy
