@@ -37,10 +37,9 @@ compiled for an H200, the 1B model's scanned decode step runs 518 kernels moving
 (their kernels concatenated once per call), 195 with attention as one kernel a layer
 (models/decode_attention.py, which reads its layer of the stacked cache in place; the GPU
 sampler allocates the cache in whole blocks of it), 147 with that kernel taking the joined
-projection and applying RoPE itself. scripts/decode_check.py reads these
-figures from the compiled program.
-With int8 weights the GPU sampler also turns XLA's Triton GEMMs back on
-(`GPU_INT8_COMPILER_OPTIONS`), which read int8 weights in the kernel.
+projection and applying RoPE itself (scripts/decode_check.py reads these figures). With int8
+weights the GPU sampler also turns XLA's Triton GEMMs back on (`GPU_INT8_COMPILER_OPTIONS`),
+which read int8 weights in the kernel.
 XLA:TPU reads a layer's slice in place, so TPU (and CPU) keep the scan and its short compile.
 
 Log-probs: `log_probs[b, t] = log softmax(logits)[token]` of the *unmodified* model distribution

@@ -4,8 +4,8 @@ the compiled HLO text (`compiled.as_text()`).
 On a GPU every instruction of a non-fused computation that is not control flow, a tuple or an
 alias is one kernel launch: a fusion, a library call (cuBLAS), a custom call (a Pallas kernel).
 `loop_kernel_stats` counts what one iteration of a loop launches (the sampler's decode step:
-scripts/decode_check.py), `program_kernel_stats` a whole run (scripts/compile_check.py on GPUs),
-nested loops by their trip counts (parallel/hlo_stats.py `trip_count`). The bytes are an
+scripts/decode_check.py), `program_kernel_stats` a whole run (`gpu_traffic` splits it by kind
+for scripts/compile_check.py on GPUs), nested loops by their trip counts (parallel/hlo_stats.py `trip_count`). The bytes are an
 estimate from shapes: each kernel reads its operands and writes its result, a fused parameter
 read only through slices counts as the slices' share, in-place updates as their update.
 """
@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
+from parallel.gpu_target import GPU_SPECS
 from parallel.hlo_stats import (SHAPE, WHILE, format_bytes, shape_bytes, split_computations,
                                 trip_count)
 
@@ -244,3 +245,19 @@ def _stats(computations: dict[str, list[str]], body: str,
 
   visit(body, 1)
   return KernelStats(kernels=count, read=read, written=written, by_kind=by_kind)
+
+
+def gpu_traffic(text: str, device_kind: str) -> dict[str, Any]:
+  """A GPU program's kernels and the bytes they move in one run (`program_kernel_stats`'s
+  estimate from shapes), split into GEMMs (cuBLAS calls, XLA's Triton dot fusions), custom
+  kernels (Pallas, cuDNN) and the other fusions, whose bytes at the GPU's published bandwidth
+  bound the time of the memory-bound work between the matrix products."""
+  stats = program_kernel_stats(text)
+  moved = dict(gemm=0, custom=0, other=0)
+  for kind, (_, n) in stats.by_kind.items():
+    group = ("gemm" if "cublas" in kind or "dot" in kind.split(",") else
+             "custom" if kind.startswith("__") else "other")
+    moved[group] += n
+  bandwidth = next((spec[2] for spec in GPU_SPECS.values() if spec[5] == device_kind), None)
+  return dict(kernels=stats.kernels, moved=moved, bandwidth=bandwidth,
+              other_s=moved["other"] / bandwidth if bandwidth else None)

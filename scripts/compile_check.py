@@ -48,9 +48,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs.cli import parse_flags
-from parallel.gpu_target import GPU_SPECS, gpu_target_devices, parse_gpu_target
+from parallel.gpu_target import gpu_target_devices, parse_gpu_target
 from parallel.hlo_stats import collective_stats
-from parallel.kernel_stats import program_kernel_stats
+from parallel.kernel_stats import gpu_traffic
 from parallel.rules import describe_layout
 from parallel.tpu_topology import parse_topology, topology_devices
 from parallel.xla_settings import GPU_FLAGS, compiler_options
@@ -178,22 +178,6 @@ def measure(program, stage, budget: int | None) -> dict[str, Any]:
     out["traffic"] = gpu_traffic(compiled.as_text(), stage.mesh.devices.flat[0].device_kind)
   out["fits"] = None if budget is None else out["peak"] <= budget
   return out
-
-
-def gpu_traffic(text: str, device_kind: str) -> dict[str, Any]:
-  """A GPU program's kernels and the bytes they move in one run (parallel/kernel_stats.py's
-  estimate from shapes), split into GEMMs (cuBLAS calls, XLA's Triton dot fusions), custom
-  kernels (Pallas, cuDNN) and the other fusions, whose bytes at the GPU's published bandwidth
-  bound the time of the memory-bound work between the matrix products."""
-  stats = program_kernel_stats(text)
-  moved = dict(gemm=0, custom=0, other=0)
-  for kind, (_, n) in stats.by_kind.items():
-    group = ("gemm" if "cublas" in kind or "dot" in kind.split(",") else
-             "custom" if kind.startswith("__") else "other")
-    moved[group] += n
-  bandwidth = next((spec[2] for spec in GPU_SPECS.values() if spec[5] == device_kind), None)
-  return dict(kernels=stats.kernels, moved=moved, bandwidth=bandwidth,
-              other_s=moved["other"] / bandwidth if bandwidth else None)
 
 
 def _gib(n: int) -> str:

@@ -2,7 +2,7 @@
 on a hand-written program (and parallel/hlo_stats.py's trip counts of its loops)."""
 
 from parallel.hlo_stats import split_computations, trip_count
-from parallel.kernel_stats import loop_kernel_stats, program_kernel_stats
+from parallel.kernel_stats import gpu_traffic, loop_kernel_stats, program_kernel_stats
 
 # A decode-like program in XLA:GPU's compiled-text form: a first loop (a prefill) and the
 # last one (the decode loop), whose body slices a layer out of a stacked weight (a copy
@@ -127,3 +127,16 @@ def test_a_whole_program_counts_each_loop_by_its_trip_count():
   assert whole.kernels == 4 + decode.kernels
   assert (whole.read, whole.written) == (4 * 256 + decode.read, 4 * 128 + decode.written)
   assert whole.by_kind[""] == (4 + 3, 7 * (256 + 128))
+
+
+def test_gpu_traffic_splits_gemms_from_the_rest():
+  """The cuBLAS GEMM's bytes apart from the other kernels', whose time at the H200's 4.8 TB/s
+  bounds the memory-bound work; no bandwidth for a device it does not know."""
+  whole = program_kernel_stats(PROGRAM)
+  traffic = gpu_traffic(PROGRAM, "NVIDIA H200 141GB HBM3e")
+  gemm = whole.by_kind["__cublas$lt$matmul"][1]
+  assert traffic["kernels"] == whole.kernels
+  assert traffic["moved"] == dict(gemm=gemm, custom=0,
+                                  other=whole.read + whole.written - gemm)
+  assert traffic["other_s"] == traffic["moved"]["other"] / 4.8e12
+  assert gpu_traffic(PROGRAM, "a GPU from elsewhere")["other_s"] is None
