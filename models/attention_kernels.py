@@ -148,15 +148,6 @@ def step_platform() -> str:
   return jax.default_backend()
 
 
-def _axes_size(mesh, entry) -> int:
-  """Devices a PartitionSpec entry (None, one mesh axis or a tuple of them) splits over."""
-  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-  size = 1
-  for axis in axes:
-    size *= mesh.shape[axis]
-  return size
-
-
 def decode_local_shape(*, batch: int, heads: int, kv_heads: int
                        ) -> tuple[int, int, int] | None:
   """Each device's `(rows, heads, kv_heads)` of a decode step's attention under the traced
@@ -173,7 +164,7 @@ def decode_local_shape(*, batch: int, heads: int, kv_heads: int
   rows, q_heads, k_heads = spec("batch"), spec("act_heads"), spec("act_kv_heads")
   if q_heads != k_heads or spec("length") is not None or spec("act_head_dim") is not None:
     return None
-  split = [_axes_size(mesh, rows), _axes_size(mesh, q_heads), _axes_size(mesh, k_heads)]
+  split = [rules_lib.spec_size(mesh, e) for e in (rows, q_heads, k_heads)]
   whole = (batch, heads, kv_heads)
   if any(n % k for n, k in zip(whole, split)):
     return None

@@ -16,9 +16,10 @@ A decode step (one new token per row) scores the cache by multiply-and-sum rathe
 matrix product: XLA fuses it into one pass over the cache, where a GEMM of one row pads the
 cache to its tile every step (seen on GPU). Not on TPU, where that form made XLA write each
 layer's cache out converted to float32 every step and the matrix unit reads it as stored
-(scripts/decode_check.py, tests/scripts/test_decode_check.py); on one GPU, an unrolled decode
-step runs models/decode_attention.py's kernel instead (on each device's rows and heads). The softmax over cached slots and new tokens is
-taken in two parts, so the scores are never concatenated.
+(scripts/decode_check.py, tests/scripts/test_decode_check.py); on GPUs an unrolled decode
+step runs models/decode_attention.py's kernel instead, on each device's rows and heads. The
+softmax over cached slots and new tokens is taken in two parts, so the scores are never
+concatenated.
 
 A step: each layer attends from the new tokens to its cached slots plus the new tokens
 themselves (`attend`) and hands back their keys / values; after the last layer `append`

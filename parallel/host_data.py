@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from parallel.rules import batch_sharding, logical_to_spec
+from parallel.rules import batch_sharding, logical_to_spec, spec_size
 
 Batch = dict[str, np.ndarray]
 # (shard_index, num_shards, rows) -> iterator of `rows`-row batches with get_state / set_state.
@@ -153,9 +153,7 @@ class ShardedBatches:
 
 def batch_shards(mesh: jax.sharding.Mesh, rules) -> int:
   """How many ways a batch splits over the mesh (batch sizes must be multiples of it)."""
-  axes = logical_to_spec(("batch",), rules, mesh=mesh)[0] or ()
-  axes = (axes,) if isinstance(axes, str) else axes
-  return math.prod(mesh.shape[a] for a in axes)
+  return spec_size(mesh, logical_to_spec(("batch",), rules, mesh=mesh)[0])
 
 
 def to_global(arrays: dict[str, np.ndarray], mesh: jax.sharding.Mesh,

@@ -22,6 +22,7 @@ Activation names: batch, length, act_embed, act_mlp, act_heads, act_kv_heads, ac
 from __future__ import annotations
 
 import contextlib
+import math
 import contextvars
 import traceback
 from typing import Any, Mapping, Sequence
@@ -171,6 +172,12 @@ def use_mesh_rules(mesh: Mesh, rules: Rules):
     yield
   finally:
     _CONTEXT.reset(token)
+
+
+def spec_size(mesh: Mesh, entry: str | Sequence[str] | None) -> int:
+  """Devices one PartitionSpec entry (None, a mesh axis or a tuple of them) splits over."""
+  axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
