@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models import kv_cache
+from models import decode_gemm, kv_cache
 from models import moe as moe_lib
 from models.attention import Attention
 from models.layer_pattern import layer_kinds, scan_layers
@@ -271,10 +271,14 @@ class Decoder(nnx.Module):
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if self.config.tie_embeddings:
       w = matrix(self.embed, self.dtype)
-      if isinstance(w, Int8Weight):  # (h @ q^T) * the table's row scales
+      int8 = isinstance(w, Int8Weight)
+      # In a decode step that asked for it, models/decode_gemm.py's kernel (None: XLA's).
+      out = decode_gemm.maybe_dot(h2, w.q if int8 else w, w.output_scale() if int8 else None,
+                                  out_dtype=jnp.float32, transposed=True)
+      if out is None and int8:  # (h @ q^T) * the table's row scales
         out = jnp.einsum("td,vd->tv", h2, w.values(self.dtype),
                          preferred_element_type=jnp.float32) * w.output_scale()
-      else:
+      elif out is None:
         out = jnp.einsum("td,vd->tv", h2, w, preferred_element_type=jnp.float32)
     else:
       out = dense(h2, matrix(self.lm_head, self.dtype), preferred_element_type=jnp.float32)

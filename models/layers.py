@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from models import decode_gemm
 from models.quantize import Int8Weight, concat_outputs
 from parallel.rules import constrain
 
@@ -33,21 +34,44 @@ def dense(x: jax.Array, kernel: jax.Array, in_dims: int = 1, **dot_kwargs) -> ja
   out by fusing a transpose into the elementwise producer of the gradient (SiLU', the softmax
   of the loss), which then runs far below memory speed. With 2-D operands every forward and
   backward product is a plain GEMM on row-major operands (README, "Benchmarks", has the
-  speed-up).
+  speed-up). In a decode step that asked for it, the product runs as models/decode_gemm.py's
+  kernel where that serves it.
   """
   if isinstance(kernel, Int8Weight):
     if kernel.contracted_first and kernel.split == in_dims:
       # (x @ q) * scale: one scale per output feature (models/quantize.py).
       out_dtype = dot_kwargs.pop("preferred_element_type", x.dtype)
+      if kernel.q.ndim == 2 and not dot_kwargs:
+        y = _decode_product(x, kernel.q, kernel.output_scale(), in_dims,
+                            kernel.shape[in_dims:], out_dtype)
+        if y is not None:
+          return y
       y = dense(x, kernel.values(x.dtype), in_dims, preferred_element_type=jnp.float32,
                 **dot_kwargs)
       return (y * kernel.output_scale()).astype(out_dtype)
     kernel = kernel.dequantize()
   in_shape, out_shape = kernel.shape[:in_dims], kernel.shape[in_dims:]
+  w2 = kernel.reshape(math.prod(in_shape), -1)
+  if set(dot_kwargs) <= {"preferred_element_type"}:
+    y = _decode_product(x, w2, None, in_dims, out_shape,
+                        dot_kwargs.get("preferred_element_type", x.dtype))
+    if y is not None:
+      return y
   lead = x.shape[:x.ndim - in_dims]
   x2 = x.reshape(-1, math.prod(in_shape))
-  y = jnp.dot(x2, kernel.reshape(math.prod(in_shape), -1), **dot_kwargs)
+  y = jnp.dot(x2, w2, **dot_kwargs)
   return y.reshape(*lead, *out_shape)
+
+
+def _decode_product(x: jax.Array, w2: jax.Array, scale: jax.Array | None, in_dims: int,
+                    out_shape: tuple[int, ...], out_dtype) -> jax.Array | None:
+  """`x @ w2` (`[in, out]` flattened, times `scale` per output) by models/decode_gemm.py's
+  kernel, or None where it does not serve the product (the caller multiplies with XLA)."""
+  if not decode_gemm.active():
+    return None
+  lead = x.shape[:x.ndim - in_dims]
+  y = decode_gemm.maybe_dot(x.reshape(-1, w2.shape[0]), w2, scale, out_dtype=out_dtype)
+  return None if y is None else y.reshape(*lead, *out_shape)
 
 
 def matrix(param: nnx.Variable, dtype) -> jax.Array | Int8Weight:

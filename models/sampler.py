@@ -13,14 +13,11 @@ Sampling: `temperature == 0` is greedy (argmax); otherwise the logits are divide
 temperature, cut to the `top_k` largest (0: all) and to the smallest set whose probability
 reaches `top_p` (nucleus sampling, Holtzman et al., 2020; 1.0: all), and sampled.
 
-Weights: before the prefill the sampler casts every matrix (projections, embeddings, LM
-head) to the compute dtype once, so each decode step reads bfloat16 weights rather than
-float32 ones that it would cast again; decoding is bound by memory bandwidth, and this halves
-the weight bytes a step reads (`compute_dtype_params`). Every layer casts those matrices to
-the compute dtype before use anyway, so the result is bit-identical; vectors (norm scales,
-biases) and the MoE router, which are used in float32, stay as stored. `weights="int8"` holds
-the matrices as weight-only int8 instead (models/quantize.py): half the bytes again, a
-slightly different model (`sampling_params`).
+Weights: before the prefill the sampler casts every matrix to the compute dtype once
+(`compute_dtype_params`), so a decode step, bound by memory bandwidth, reads bfloat16 weights,
+not float32 ones it would cast again: bit-identical, since every layer casts them anyway
+(vectors and the MoE router, used in float32, stay as stored). `weights="int8"` holds them as
+weight-only int8 (models/quantize.py): half the bytes again, a slightly different model.
 
 Compiled without XLA's dot merger (`SAMPLER_COMPILER_OPTIONS`): it joins matrix products
 that share an input into one, which inside the decode loop means concatenating each layer's
@@ -39,7 +36,8 @@ compiled for an H200, the 1B model's scanned decode step runs 518 kernels moving
 sampler allocates the cache in whole blocks of it), 147 with that kernel taking the joined
 projection and applying RoPE itself (scripts/decode_check.py reads these figures). With int8
 weights the GPU sampler also turns XLA's Triton GEMMs back on (`GPU_INT8_COMPILER_OPTIONS`),
-which read int8 weights in the kernel.
+which read int8 weights in the kernel. `gemm="pallas"` runs the decode steps' products as
+models/decode_gemm.py's kernel instead (one device).
 XLA:TPU reads a layer's slice in place, so TPU (and CPU) keep the scan and its short compile.
 
 Log-probs: `log_probs[b, t] = log softmax(logits)[token]` of the *unmodified* model distribution
@@ -56,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import kv_cache
+from models import decode_gemm, kv_cache
 from models.decode_attention import cache_length
 from models.decoder import unroll_layers
 from models.quantize import Int8Weight, check_format, quantize_params
@@ -189,7 +187,7 @@ def unrolls_decode(mesh=None, unroll: bool | None = None) -> bool:
 def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: int = 0,
                  stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, mesh=None, rules: Rules | None = None,
-                 weights: str = "compute", unroll: bool | None = None
+                 weights: str = "compute", unroll: bool | None = None, gemm: str = "xla"
                  ) -> Callable[..., dict[str, jax.Array]]:
   """A jitted `sample(params, prompt_tokens, prompt_lengths, rng) -> dict` for RL loops.
 
@@ -210,14 +208,12 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
   models/quantize.py; the log-probs are then those of the quantized model).
 
   `unroll`: run the decode steps with the layers unrolled, each layer's weights sliced out of
-  a scanned stack once per call, before the decode loop (models/decoder.py
-  `BlockStack.unroll`), its q / k / v and gate / up kernels joined into one matrix each
-  unless the rules shard heads or the MLP dimension over the mesh; the prefill keeps the scan.
-  None: on GPU only, where a scanned step copies every layer's weights out of the stack
-  before their GEMMs (module doc). Same tokens either way, at a little more compile time (1B
-  on an H200: 11 s against 8). The slices are
-  taken after the prefill from weights held anew, so they do not add to its stacked copy
-  (params stored in the compute dtype are the one exception: their slices are a second copy).
+  a scanned stack once per call, after the prefill from weights held anew (so the slices do
+  not add to its stacked copy), its q / k / v and gate / up joined unless the rules shard
+  heads or the MLP dimension (models/decoder.py `BlockStack.unroll`). None: on GPU only
+  (module doc). Same tokens either way; compile 11 s against 8 (1B, H200).
+
+  `gemm`: the decode steps' products, "xla" or "pallas" (GPU: models/decode_gemm.py).
   """
   check_format(weights)
   if max_new_tokens < 1:
@@ -229,6 +225,7 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
   stops = np.asarray(sorted({int(eos_id), *map(int, stop_ids)}), np.int32)
   cfg = spec.config
   platform = sampler_platform(mesh)
+  decode_gemm.check_gemm(gemm, platform)
   unroll = unrolls_decode(mesh, unroll)
   # Unrolled, each layer's q / k / v and gate / up also run as one product each, unless the
   # rules split heads or the MLP dimension over the mesh (`BlockStack.unroll`).
@@ -280,8 +277,9 @@ def make_sampler(spec: ModelSpec, *, max_new_tokens: int, eos_id: int, pad_id: i
       step, cache, last, done, tokens, log_probs, mask = state
       # The previous token sits at position length + step - 1 of its row.
       pos = (prompt_lengths + step - 1)[:, None]
-      logits, cache = model(last[:, None], positions=pos,
-                            segment_ids=jnp.ones_like(pos), cache=cache)
+      with decode_gemm.products(gemm == "pallas", interpret=platform != "gpu"):
+        logits, cache = model(last[:, None], positions=pos,
+                              segment_ids=jnp.ones_like(pos), cache=cache)
       token, log_prob, stop = draw(logits[:, 0], rng, step)
       live = ~done
       token = jnp.where(live, token, pad_id)
@@ -322,19 +320,21 @@ class Sampler:
   """
 
   def __init__(self, spec: ModelSpec, mesh=None, rules: Rules | None = None,
-               weights: str = "compute"):
-    """`weights`: as `make_sampler`'s, for every call."""
+               weights: str = "compute", gemm: str = "xla"):
+    """`weights`, `gemm`: as `make_sampler`'s, for every call."""
     if (mesh is None) != (rules is None):
       raise ValueError("pass both mesh and rules, or neither")
     check_format(weights)
+    decode_gemm.check_gemm(gemm, sampler_platform(mesh))
     self.spec, self.mesh, self.rules, self.weights = spec, mesh, rules, weights
+    self.gemm = gemm
     self._compiled: dict[tuple, Callable] = {}
 
   def _sampler(self, **settings) -> Callable:
     key = tuple(sorted(settings.items()))
     if key not in self._compiled:
       self._compiled[key] = make_sampler(self.spec, mesh=self.mesh, rules=self.rules,
-                                         weights=self.weights, **settings)
+                                         weights=self.weights, gemm=self.gemm, **settings)
     return self._compiled[key]
 
   def generate(self, params: Params, prompts: list[list[int]], *, max_new_tokens: int,

@@ -82,7 +82,8 @@ _COMMON_FLAGS = ("preset", "warmup", "attention", "dtype", "scan_layers", "peak_
 _SUBCOMMAND_FLAGS = {
     "clm": _COMMON_FLAGS + ("remat", "steps", "batch", "seq_len"),
     "generate": _COMMON_FLAGS + ("prompts", "prompt_len", "new_tokens", "repeats",
-                                 "temperature", "sample_weights", "decode_layers"),
+                                 "temperature", "sample_weights", "decode_layers",
+                                 "decode_gemm"),
     "ppo": _COMMON_FLAGS + ("remat", "prompts", "prompt_len", "new_tokens", "repeats",
                             "temperature"),
     "grpo": _COMMON_FLAGS + ("remat", "prompts", "samples", "prompt_len", "new_tokens",
@@ -147,6 +148,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("decode_layers", "auto", ["auto", "scan", "unrolled"], "generate: the "
                     "decode steps' layer loop (models/sampler.py make_sampler's unroll): auto = "
                     "unrolled on GPU, scanned elsewhere.")
+  flags.DEFINE_enum("decode_gemm", "xla", ["xla", "pallas"], "generate: the decode steps' "
+                    "products, XLA's GEMMs or models/decode_gemm.py's kernel (GPU).")
   # grpo.
   flags.DEFINE_integer("samples", 4, "grpo: replies per prompt (the group size G).")
   flags.DEFINE_bool("old_log_probs_forward", False, "grpo: run the policy's pi_old pass even "
@@ -229,7 +232,8 @@ def run_generate() -> dict[str, Any]:
       config, batch=_prompts("generate"), prompt_len=f.prompt_len,
       max_new_tokens=_new_tokens("generate"), temperature=f.temperature, repeats=f.repeats,
       warmup=_warmup("generate"), weights=f.sample_weights,
-      unroll={"auto": None, "scan": False, "unrolled": True}[f.decode_layers]),
+      unroll={"auto": None, "scan": False, "unrolled": True}[f.decode_layers],
+      gemm=f.decode_gemm),
       config.model.dtype)
   print(format_generate(result))
   print(format_mfu(result))

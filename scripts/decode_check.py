@@ -3,6 +3,7 @@
   python -m scripts.decode_check --target h200 --preset 1b --prompts 32
   python -m scripts.decode_check --target h200 --preset 1b --sample_weights int8
   python -m scripts.decode_check --target h200 --preset 1b --decode_layers scan  # the old step
+  python -m scripts.decode_check --target h200 --preset 1b --decode_gemm pallas  # Pallas GEMMs
   python -m scripts.decode_check --target v5e:1x1 --preset 1b                     # a TPU chip
   python -m scripts.decode_check --target h200 --preset 8b --tensor 8   # 8 GPUs, heads split
 
@@ -64,6 +65,9 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "New tokens per row.")
 _WEIGHTS = flags.DEFINE_enum("sample_weights", "compute", ["compute", "int8"],
                              "The sampler's matrices in the compute dtype or int8.")
 _TENSOR = flags.DEFINE_integer("tensor", 1, "Devices the sampler runs tensor-parallel over.")
+_GEMM = flags.DEFINE_enum("decode_gemm", "xla", ["xla", "pallas"],
+                          "The decode steps' products: XLA's GEMMs or models/decode_gemm.py's "
+                          "kernel (GPU).")
 _LAYERS = flags.DEFINE_enum("decode_layers", "auto", ["auto", "scan", "unrolled"],
                             "The decode steps' layer loop (auto: the sampler's default, "
                             "unrolled on GPU).")
@@ -106,7 +110,7 @@ def target_devices(target: str, count: int = 1) -> tuple[list, float, bool]:
 def check(target: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16",
           prompts: int = 32, prompt_len: int = 64, new_tokens: int = 128,
           weights: str = "compute", unroll: bool | None = None, tensor: int = 1,
-          model_overrides: dict | None = None) -> dict[str, Any]:
+          gemm: str = "xla", model_overrides: dict | None = None) -> dict[str, Any]:
   """Compiles the sampler for `target` (a GPU_SPECS name or a TPU topology; `tensor` devices,
   tensor-parallel) and returns one device's decode-step figures (module doc)."""
   config = pretrain.get_config(preset)
@@ -125,7 +129,7 @@ def check(target: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16",
                                  sharding=batch_sharding(mesh, rules, ndim=1))
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   sampler = make_sampler(spec, max_new_tokens=new_tokens, eos_id=-1, temperature=1.0,
-                         mesh=mesh, rules=rules, weights=weights, unroll=unroll)
+                         mesh=mesh, rules=rules, weights=weights, unroll=unroll, gemm=gemm)
   start = time.perf_counter()
   compiled = sampler.lower(params, tokens, lengths, key).compile(
       gpu_compiler_options(weights) if gpu else None)
@@ -137,7 +141,7 @@ def check(target: str = "h200", preset: str = "1b", *, dtype: str = "bfloat16",
   moved = stats.read + stats.written
   return dict(target=target, device_kind=devices[0].device_kind, preset=preset, dtype=dtype,
               prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens, weights=weights,
-              tensor=tensor, decode_layers="unrolled" if unrolls_decode(mesh, unroll) else "scan",
+              tensor=tensor, gemm=gemm, decode_layers="unrolled" if unrolls_decode(mesh, unroll) else "scan",
               compile_s=compile_s, kernels=stats.kernels, read_bytes=stats.read,
               written_bytes=stats.written, moved_bytes=moved, minimum_bytes=minimum,
               traffic_ratio=moved / minimum, bound_step_s=moved / bandwidth,
@@ -151,7 +155,8 @@ def format_check(r: dict[str, Any]) -> str:
       f"target    {r['device_kind']} (compile only), {r['preset']} in {r['dtype']}"
       + (" with int8 weights" if r["weights"] == "int8" else "")
       + f"; {r['prompts']} rows x ({r['prompt_len']} + {r['new_tokens']}) tokens, decode "
-      f"layers {r['decode_layers']}"
+      f"layers {r['decode_layers']}" + (", products by the Pallas kernel"
+                                        if r.get("gemm") == "pallas" else "")
       + (f", tensor-parallel over {r['tensor']} (figures per device)" if r["tensor"] > 1
          else "") + f"; compiled in {r['compile_s']:.1f} s",
       f"kernels   {r['kernels']} per decode step",
@@ -173,7 +178,7 @@ def main(argv):
   jax.config.update("jax_platforms", "cpu")
   result = check(_TARGET.value, _PRESET.value, dtype=_DTYPE.value, prompts=_PROMPTS.value,
                  prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value,
-                 weights=_WEIGHTS.value, tensor=_TENSOR.value,
+                 weights=_WEIGHTS.value, tensor=_TENSOR.value, gemm=_GEMM.value,
                  unroll={"auto": None, "scan": False, "unrolled": True}[_LAYERS.value])
   print(format_check(result))
   print(json.dumps({k: v for k, v in result.items() if k != "summary"}))

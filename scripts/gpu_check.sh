@@ -6,12 +6,16 @@
 #   CLM=1 bash scripts/gpu_check.sh        # and the 1B training step's MFU (5 more minutes)
 #
 # 1. tests that only a GPU runs: the Pallas (Triton) and cuDNN attention kernels against the
-#    dense reference, and the decode-attention kernel compiled by Triton and run;
+#    dense reference, the decode-attention kernel and the decode-product kernel
+#    (models/decode_gemm.py) compiled by Triton and run;
 # 2. `benchmark generate` on the 1B model (bfloat16, 32 prompts of 64 tokens, 128 new):
 #    the GPU's default decode step (layers unrolled, q/k/v and gate/up joined, the decode
-#    kernel) beside the scanned step, each with bfloat16 and int8 sampling weights;
-# 3. one line per run: decode step time and memory-bandwidth utilisation;
-# 4. with CLM=1, `benchmark clm` on the 1B model (bfloat16, 16 x 2048 tokens, full remat)
+#    kernel) with its products by cuBLAS and by the Pallas kernel (`--decode_gemm pallas`),
+#    each with bfloat16 and int8 sampling weights, and the scanned step;
+# 3. `scripts.gemm_check`: each 1B decode product alone, cuBLAS / XLA's Triton GEMMs against
+#    the Pallas kernel in several tilings (which one to make the default);
+# 4. one line per generate run: decode step time and memory-bandwidth utilisation;
+# 5. with CLM=1, `benchmark clm` on the 1B model (bfloat16, 16 x 2048 tokens, full remat)
 #    with the Pallas attention kernel and with cuDNN's: tokens/s and MFU against the chip's
 #    peak and the matmul rate measured beside it.
 # Each run has its own time limit, so one that hangs cannot take the rest with it; each
@@ -34,6 +38,7 @@ stage "GPU-only tests"
 # host devices, which a GPU run does not need.
 XLA_FLAGS= timeout 240 python -m pytest -q -rfEs -p no:cacheprovider \
   tests/models/test_attention_kernels.py tests/models/test_decode_attention.py \
+  tests/models/test_decode_gemm.py \
   -k "pallas_gpu or cudnn or natively" 2>&1 | tail -25 | tee "$out/tests.log"
 
 bench() {  # name, then benchmark arguments
@@ -46,9 +51,18 @@ bench() {  # name, then benchmark arguments
   [ $rc -eq 0 ] || { echo "generate $name: exit $rc"; tail -5 "$out/generate_$name.log"; }
 }
 bench default
-bench scan --decode_layers scan
+bench pallas --decode_gemm pallas
 bench int8 --sample_weights int8
-bench int8_scan --sample_weights int8 --decode_layers scan
+bench int8_pallas --sample_weights int8 --decode_gemm pallas
+bench scan --decode_layers scan
+
+for weights in compute int8; do
+  stage "gemm_check $weights"
+  timeout 150 python -m scripts.gemm_check --preset 1b --rows 32 --weights $weights \
+    --variants plan,no_split,n128,k128,warps8 > "$out/gemm_$weights.log" 2>&1 \
+    || tail -5 "$out/gemm_$weights.log"
+  sed -n '/^decode step/,/^{/p' "$out/gemm_$weights.log" | grep -v '^{'
+done
 
 if [ "${CLM:-0}" = 1 ]; then
   for attention in auto cudnn; do  # the Pallas kernel (auto), cuDNN's (rows of one document)
@@ -66,10 +80,11 @@ import glob, json, os, sys
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "generate_*.log"))):
   lines = [l for l in open(path) if l.startswith("{")]
   if not lines:
-    print(f"{os.path.basename(path)[9:-4]:10s} no result")
+    print(f"{os.path.basename(path)[9:-4]:12s} no result")
     continue
   r = json.loads(lines[-1])
-  print(f"{os.path.basename(path)[9:-4]:10s} {r['decode_layers']:8s} {r['weights']:8s} "
+  print(f"{os.path.basename(path)[9:-4]:12s} {r['decode_layers']:8s} {r['weights']:8s} "
+        f"{r.get('gemm', 'xla'):6s} "
         f"step {r['decode_step_s'] * 1e3:.3f} ms  {r['decode_step_bytes'] / 2**30:.2f} GiB  "
         f"{100 * r['bandwidth_utilisation']:.1f}% of {r['memory_bandwidth'] / 1e12:.2f} TB/s "
         f"({r['bandwidth_source']})")

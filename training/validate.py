@@ -27,6 +27,7 @@ import ml_collections
 
 from data.tools import TOOLSETS
 from models.attention_kernels import kernel_problems
+from models.decode_gemm import check_gemm
 from models.quantize import WEIGHT_FORMATS
 from parallel.mesh import mesh_shape
 from parallel.rules import MESH_AXES, RULE_PRESETS
@@ -95,15 +96,23 @@ def attention_problems(config: ml_collections.ConfigDict, platform: str) -> list
   return kernel_problems(config.model, causal=causal, platform=platform)
 
 
-def rl_problems(config: ml_collections.ConfigDict, device_count: int | None) -> list[str]:
+def rl_problems(config: ml_collections.ConfigDict, device_count: int | None,
+                platform: str = "cpu") -> list[str]:
   """The rollout keys: staleness, importance cap, rollout devices, rollout weights
-  (training/rl/offpolicy.py). Their types are the locked ConfigDict's to check."""
+  (training/rl/offpolicy.py), the decode steps' products on `platform`
+  (models/decode_gemm.py). Their types are the locked ConfigDict's to check."""
   problems: list[str] = []
   staleness = _at_least(config, "rl.staleness", 0, problems)
   _at_least(config, "rl.max_importance_ratio", 1, problems)
   weights = _get(config, "rl.rollout_weights")
   if weights is not None and weights not in WEIGHT_FORMATS:
     problems.append(f"config.rl.rollout_weights {weights!r}: choose one of {WEIGHT_FORMATS}")
+  gemm = _get(config, "rl.decode_gemm")
+  if gemm is not None:
+    try:
+      check_gemm(gemm, platform)
+    except ValueError as e:
+      problems.append(f"config.rl.decode_gemm: {e}")
   devices = _at_least(config, "rl.rollout_devices", 0, problems)
   if isinstance(devices, int) and devices > 0:
     if _get(config, "rl.tools"):
@@ -138,7 +147,8 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     num_slices: slices of `device_count` (with an explicit `device_count`).
     platform: the devices' platform ('cpu', 'gpu', 'tpu'); None: `jax.default_backend()`.
   """
-  problems: list[str] = attention_problems(config, platform or jax.default_backend())
+  platform = platform or jax.default_backend()
+  problems: list[str] = attention_problems(config, platform)
   rl = "rl" in config
   _at_least(config, "train.steps", 1, problems)
   _at_least(config, "train.log_every", 1, problems)
@@ -166,7 +176,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                         f"config.model.max_length {max_length} (learned positions)")
     if _get(config, "rl.tools"):
       _tool_problems(config, learned, max_length, problems)
-    problems.extend(rl_problems(config, device_count))
+    problems.extend(rl_problems(config, device_count, platform))
   elif learned and isinstance(seq_len, int) and seq_len > max_length:
     problems.append(f"config.data.seq_len {seq_len} exceeds config.model.max_length "
                     f"{max_length} (learned positions have no row for the later tokens)")

@@ -129,8 +129,8 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
                        prompt_len: int = 64, max_new_tokens: int = 128,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                        repeats: int = 3, warmup: int = 1, seed: int = 0,
-                       weights: str = "compute", unroll: bool | None = None
-                       ) -> dict[str, Any]:
+                       weights: str = "compute", unroll: bool | None = None,
+                       gemm: str = "xla") -> dict[str, Any]:
   """Times generation with the model, mesh and rules of `config` (a configs/pretrain.py config).
 
   Args:
@@ -145,6 +145,7 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
     weights: the sampler's weights, "compute" or "int8" (models/quantize.py).
     unroll: the decode steps' layers unrolled (True), scanned (False) or as the sampler
       picks for the platform (None; models/sampler.py `make_sampler`).
+    gemm: the decode steps' products, "xla" or "pallas" (models/decode_gemm.py, GPU).
 
   Returns:
     A flat dict: `new_tokens` (counted in the last call's output: `batch * max_new_tokens`),
@@ -168,7 +169,7 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
   lengths = jax.device_put(np.full((batch,), prompt_len, np.int32),
                            batch_sharding(mesh, rules, ndim=1))
   settings = dict(eos_id=-1, temperature=temperature, top_k=top_k, top_p=top_p, mesh=mesh,
-                  rules=rules, weights=weights, unroll=unroll)
+                  rules=rules, weights=weights, unroll=unroll, gemm=gemm)
   args = (params, tokens, lengths, jax.random.PRNGKey(seed))
 
   def compile_sampler(new_tokens):
@@ -196,7 +197,7 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
       params=count_params(spec.shapes), batch=batch, prompt_len=prompt_len,
       max_new_tokens=max_new_tokens, new_tokens=new_tokens, temperature=temperature,
       top_k=top_k, top_p=top_p, dtype=config.model.dtype, attention=config.model.attention,
-      weights=weights, decode_layers=("unrolled" if unrolls_decode(mesh, unroll) else "scan"),
+      weights=weights, gemm=gemm, decode_layers=("unrolled" if unrolls_decode(mesh, unroll) else "scan"),
       repeats=repeats, warmup=warmup, call_s_median=call_s,
       call_s_mean=statistics.fmean(times), call_s_min=min(times),
       call_cpu_s_median=statistics.median(cpu_times),
@@ -218,7 +219,9 @@ def format_generate(result: dict[str, Any]) -> str:
       f"{result['prompt_len']} tokens, {result['max_new_tokens']} new tokens, temperature "
       f"{result['temperature']}, {result['dtype']}"
       + (" with int8 weights" if result["weights"] == "int8" else "")
-      + f", decode layers {result['decode_layers']}, {result['devices']} "
+      + f", decode layers {result['decode_layers']}"
+      + (", Pallas decode GEMMs" if result.get("gemm") == "pallas" else "")
+      + f", {result['devices']} "
       f"{result['platform']} device(s)",
       f"call time        {result['call_s_median']:.3f} s median (mean "
       f"{result['call_s_mean']:.3f}, min {result['call_s_min']:.3f}, {result['repeats']} runs; "

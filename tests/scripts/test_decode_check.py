@@ -58,6 +58,15 @@ def test_unrolled_decode_step_reads_each_weight_once():
   assert "__cublas$lt$matmul" not in int8["by_kind"]
   assert int8["by_kind"]["dot"][0] == 4 * 2 + 1
   assert int8["by_kind"]["dot"][1] < 0.65 * unrolled["by_kind"]["__cublas$lt$matmul"][1]
+  # --decode_gemm pallas: every product of the step is models/decode_gemm.py's kernel,
+  # compiled by Triton (its custom call), reading each weight once (plus its float32 partial
+  # sums, here of 8 rows padded to 16), the int8 weights as stored.
+  cublas = unrolled["by_kind"]["__cublas$lt$matmul"][1]
+  for weights, most in (("compute", 1.15), ("int8", 0.65)):
+    pallas = check("h200", "tiny", weights=weights, gemm="pallas", **kw)
+    assert "__cublas$lt$matmul" not in pallas["by_kind"] and "dot" not in pallas["by_kind"]
+    count, moved = pallas["by_kind"]["__gpu$xla.gpu.triton"]
+    assert count == 4 * 2 + 1 and moved < most * cublas
 
 
 @needs_cuda_plugin

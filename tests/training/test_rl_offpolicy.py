@@ -225,6 +225,15 @@ def test_off_policy_config_errors_name_their_keys():
   assert "needs config.rl.staleness >= 1" in "\n".join(validate_config(config, device_count=8))
   config.rl.staleness = 1
   assert validate_config(config, device_count=8) == []
+  # The Pallas decode products are a GPU kernel (models/decode_gemm.py).
+  config.rl.decode_gemm = "pallas"
+  assert "config.rl.decode_gemm: decode GEMM 'pallas' is a GPU (Triton) kernel" in "\n".join(
+      validate_config(config, device_count=8, platform="cpu"))
+  assert validate_config(config, device_count=8, platform="gpu") == []
+  config.rl.decode_gemm = "cublas"
+  assert "config.rl.decode_gemm: unknown decode GEMM 'cublas'" in "\n".join(
+      validate_config(config, device_count=8, platform="gpu"))
+  config.rl.decode_gemm = "xla"
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))  # 8 devices, 6 left to train on
   assert "the training mesh on the other 6 devices does not fit" in "\n".join(
       validate_config(config, device_count=8))

@@ -193,6 +193,7 @@ class RolloutEngine:
     # The rollouts' weights: the compute dtype or weight-only int8 (models/quantize.py;
     # training/rl/offpolicy.py corrects for the quantized behaviour policy).
     self.rollout_weights = rl.rollout_weights
+    self.decode_gemm = rl.get("decode_gemm", "xla")  # models/decode_gemm.py
     self._sample = self.make_sampler(rl.max_new_tokens, temperature=rl.temperature,
                                      top_k=rl.top_k, top_p=rl.top_p,
                                      weights=self.rollout_weights)
@@ -224,7 +225,7 @@ class RolloutEngine:
     return sampler.make_sampler(self.spec, max_new_tokens=max_new_tokens,
                                 eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
                                 stop_ids=self.stops, mesh=mesh or self.mesh, rules=self.rules,
-                                **settings)
+                                gemm=self.decode_gemm, **settings)
 
   def sample(self, sample_fn, params, items: Sequence[PromptItem], rng: jax.Array
              ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str] | None, np.ndarray]:
