@@ -93,8 +93,8 @@ def add_rl_sections(config: ml_collections.ConfigDict) -> None:
       # The sampler's weights: 'compute' (the compute dtype) or 'int8' (weight-only, half
       # the bytes a decode step reads; models/quantize.py), corrected like a stale rollout.
       rollout_weights="compute",
-      # The decode steps' products: 'xla' (XLA's GEMMs) or 'pallas' (GPU, one device:
-      # models/decode_gemm.py's kernel, streaming each weight once).
+      # The decode steps' products: 'xla' (XLA's GEMMs) or 'pallas' (GPU: models/
+      # decode_gemm.py's kernel, streaming each weight once; not tensor-parallel).
       decode_gemm="xla",
   ))
   config.reward = ml_collections.ConfigDict(dict(

@@ -31,11 +31,11 @@ each keeping at least 4 blocks of K, the partials under an eighth of the weights
 (block_n halves, down to 32, where the splits that allows leave too few programs). `problem` says why a product is not served (the caller
 then keeps XLA's product): more than `MAX_ROWS` rows, N or K not multiples of 16.
 
-Where it runs: the sampler's decode steps on one GPU, when asked (`make_sampler(gemm=
+Where it runs: the sampler's decode steps on GPUs, when asked (`make_sampler(gemm=
 "pallas")`, `scripts.benchmark generate --decode_gemm pallas`, config.rl.decode_gemm):
 `products` marks the trace of a decode step, and models/layers.py `dense` and the tied LM
-head route their products here while it is active. Under a mesh of several devices the
-products stay XLA's (their weights may be sharded). `interpret=True` runs the kernel in
+head route their products here while it is active. Under a mesh it runs on each device's
+rows where the weights' output columns are whole on every device (`maybe_dot`). `interpret=True` runs the kernel in
 Pallas's interpreter, which is how the CPU tests check it.
 """
 
@@ -49,6 +49,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 from jax.experimental.pallas import triton as plgpu
 
 from parallel import rules as rules_lib
@@ -59,6 +60,8 @@ TARGET_PROGRAMS = 256   # about two programs an SM on an H100 / H200 (132 SMs)
 MIN_STEPS = 4           # blocks of K a program streams at least
 MIN_BLOCK_N = 32        # output columns a program at least (64-byte rows of bf16 weights)
 GEMMS = ("xla", "pallas")
+# Logical axes of a product's output columns: split over a mesh axis, the products stay XLA's.
+COLUMN_AXES = ("heads", "kv_heads", "mlp", "vocab")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,17 +232,34 @@ def active() -> bool:
 
 def maybe_dot(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *,
               out_dtype=None, transposed: bool = False) -> jax.Array | None:
-  """`skinny_dot(x, w, scale, ...)` when a decode step asked for the kernel (`products`), the
-  step runs on one device and the kernel serves the shapes; else None (the caller multiplies
-  with XLA)."""
+  """`skinny_dot(x, w, scale, ...)` when a decode step asked for the kernel (`products`) and
+  it serves the shapes; else None (the caller multiplies with XLA).
+
+  Under a mesh of several devices (`parallel.rules.use_mesh_rules`) it runs inside shard_map
+  on each device's rows (x split like the `batch` logical axis) against the whole weight,
+  where no weight's output columns are split (the rules map none of `COLUMN_AXES` to a mesh
+  axis of more than one device): a data-parallel sampler. Weights split along K (fsdp) are
+  gathered first, as XLA's product gathers them. Tensor-parallel products stay XLA's.
+  """
   active = _ACTIVE.get()
   if active is None or x.ndim != 2 or w.ndim != 2:
     return None
-  context = rules_lib._CONTEXT.get()  # pylint: disable=protected-access
-  if context is not None and context[0].size > 1:
-    return None
   k, n = (w.shape[1], w.shape[0]) if transposed else w.shape
-  if problem(x.shape[0], k, n):
+  kw = dict(out_dtype=out_dtype, transposed=transposed, interpret=active[0])
+  context = rules_lib._CONTEXT.get()  # pylint: disable=protected-access
+  if context is None or context[0].size == 1:
+    return None if problem(x.shape[0], k, n) else skinny_dot(x, w, scale, **kw)
+  mesh, rules = context
+  spec = lambda name: rules_lib.logical_to_spec((name,), rules, mesh=mesh)[0]
+  rows = spec("batch")
+  split = rules_lib.spec_size(mesh, rows)
+  if (any(rules_lib.spec_size(mesh, spec(a)) > 1 for a in COLUMN_AXES)
+      or x.shape[0] % split or problem(x.shape[0] // split, k, n)):
     return None
-  return skinny_dot(x, w, scale, out_dtype=out_dtype, transposed=transposed,
-                    interpret=active[0])
+  args, specs = [x, w], [P(rows, None), P(None, None)]
+  if scale is not None:
+    args.append(scale.reshape(n))
+    specs.append(P(None))
+  local = lambda x, w, scale=None: skinny_dot(x, w, scale, **kw)
+  return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(rows, None),
+                       check_vma=False)(*args)

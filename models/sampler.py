@@ -37,7 +37,7 @@ sampler allocates the cache in whole blocks of it), 147 with that kernel taking 
 projection and applying RoPE itself (scripts/decode_check.py reads these figures). With int8
 weights the GPU sampler also turns XLA's Triton GEMMs back on (`GPU_INT8_COMPILER_OPTIONS`),
 which read int8 weights in the kernel. `gemm="pallas"` runs the decode steps' products as
-models/decode_gemm.py's kernel instead (one device).
+models/decode_gemm.py's kernel instead (each device's rows, data-parallel).
 XLA:TPU reads a layer's slice in place, so TPU (and CPU) keep the scan and its short compile.
 
 Log-probs: `log_probs[b, t] = log softmax(logits)[token]` of the *unmodified* model distribution

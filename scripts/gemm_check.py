@@ -43,6 +43,7 @@ VARIANTS = {
     "plan": {},
     "no_split": dict(splits=1),
     "n32": dict(block_n=32),
+    "n16_no_split": dict(block_n=16, splits=1),
     "n128": dict(block_n=128),
     "k128": dict(block_k=128),
     "warps8": dict(warps=8),

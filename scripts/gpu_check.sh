@@ -59,7 +59,7 @@ bench scan --decode_layers scan
 for weights in compute int8; do
   stage "gemm_check $weights"
   timeout 150 python -m scripts.gemm_check --preset 1b --rows 32 --weights $weights \
-    --variants plan,no_split,n128,k128,warps8 > "$out/gemm_$weights.log" 2>&1 \
+    --variants plan,no_split,n16_no_split,n128,k128,warps8 > "$out/gemm_$weights.log" 2>&1 \
     || tail -5 "$out/gemm_$weights.log"
   sed -n '/^decode step/,/^{/p' "$out/gemm_$weights.log" | grep -v '^{'
 done

@@ -136,15 +136,24 @@ def test_sampler_with_the_kernel_equals_the_xla_sampler(monkeypatch, overrides, 
   assert len(calls) == (4 * 2 + 1 if unroll else 7 + 1)
 
 
-def test_sampler_on_a_mesh_keeps_xla_products(monkeypatch):
-  """Over several devices the weights may be split: the products stay XLA's."""
+def test_sharded_sampler_runs_the_kernel_on_each_devices_rows(monkeypatch):
+  """Data-parallel (rows over data 4 x fsdp 2, weights split along K over fsdp): the kernel
+  runs inside shard_map on each device's row against the gathered weight, with XLA's
+  tokens and log-probs on the same mesh. Tensor-parallel (heads and MLP columns split): the
+  products stay XLA's."""
   from parallel.rules import get_rules
   from tests.models.test_decode_attention import _mesh
   from tests.models.test_sampler import PROMPTS, Model
-  model = Model()
+  model = Model(tie_embeddings=False)
+  prompts, rules = (PROMPTS + [[2, 9]]) * 2, get_rules("fsdp_tp")
+  plain = _sample(model, prompts, "xla", _mesh(2, 1), rules, unroll=True)
   calls = _record_calls(monkeypatch)
-  _sample(model, (PROMPTS + [[2, 9]]) * 2, "pallas", _mesh(2, 1), get_rules("fsdp_tp"),
-          unroll=True)  # 8 rows over data 4 x fsdp 2
+  got = _sample(model, prompts, "pallas", _mesh(2, 1), rules, unroll=True)
+  np.testing.assert_array_equal(got["tokens"], plain["tokens"])
+  np.testing.assert_allclose(got["log_probs"], plain["log_probs"], atol=1e-5)
+  assert len(calls) == 4 * 2 + 1 and {c[0][0] for c in calls} == {1}  # a device's row
+  calls.clear()
+  _sample(model, prompts, "pallas", _mesh(2, 2), rules, unroll=True)  # tensor 2
   assert calls == []
 
 
