@@ -50,19 +50,20 @@ bench() {  # name, then benchmark arguments
   grep -E "^(decode step|bandwidth util|compile)" "$out/generate_$name.log"
   [ $rc -eq 0 ] || { echo "generate $name: exit $rc"; tail -5 "$out/generate_$name.log"; }
 }
+gemm() {  # weights, variants
+  stage "gemm_check $1"
+  timeout 150 python -m scripts.gemm_check --preset 1b --rows 32 --weights $1 \
+    --variants $2 > "$out/gemm_$1.log" 2>&1 || tail -5 "$out/gemm_$1.log"
+  sed -n '/^decode step/,/^{/p' "$out/gemm_$1.log" | grep -v '^{'
+}
+# Most telling first: a run cut short by the device's time still leaves these.
 bench default
 bench pallas --decode_gemm pallas
+gemm compute plan,no_split,n16_no_split,n128,k128,warps8
 bench int8 --sample_weights int8
 bench int8_pallas --sample_weights int8 --decode_gemm pallas
+gemm int8 plan,no_split,warps8
 bench scan --decode_layers scan
-
-for weights in compute int8; do
-  stage "gemm_check $weights"
-  timeout 150 python -m scripts.gemm_check --preset 1b --rows 32 --weights $weights \
-    --variants plan,no_split,n16_no_split,n128,k128,warps8 > "$out/gemm_$weights.log" 2>&1 \
-    || tail -5 "$out/gemm_$weights.log"
-  sed -n '/^decode step/,/^{/p' "$out/gemm_$weights.log" | grep -v '^{'
-done
 
 if [ "${CLM:-0}" = 1 ]; then
   for attention in auto cudnn; do  # the Pallas kernel (auto), cuDNN's (rows of one document)
