@@ -83,7 +83,7 @@ _SUBCOMMAND_FLAGS = {
     "clm": _COMMON_FLAGS + ("remat", "steps", "batch", "seq_len"),
     "generate": _COMMON_FLAGS + ("prompts", "prompt_len", "new_tokens", "repeats",
                                  "temperature", "sample_weights", "decode_layers",
-                                 "decode_gemm"),
+                                 "decode_gemm", "profile"),
     "ppo": _COMMON_FLAGS + ("remat", "prompts", "prompt_len", "new_tokens", "repeats",
                             "temperature"),
     "grpo": _COMMON_FLAGS + ("remat", "prompts", "samples", "prompt_len", "new_tokens",
@@ -150,6 +150,8 @@ def define_flags() -> None:
                     "unrolled on GPU, scanned elsewhere.")
   flags.DEFINE_enum("decode_gemm", "xla", ["xla", "pallas"], "generate: the decode steps' "
                     "products, XLA's GEMMs or models/decode_gemm.py's kernel (GPU).")
+  flags.DEFINE_string("profile", "", "generate: trace one more call into this folder "
+                      "(jax.profiler; scripts/trace_summary.py summarises it).")
   # grpo.
   flags.DEFINE_integer("samples", 4, "grpo: replies per prompt (the group size G).")
   flags.DEFINE_bool("old_log_probs_forward", False, "grpo: run the policy's pi_old pass even "
@@ -233,7 +235,7 @@ def run_generate() -> dict[str, Any]:
       max_new_tokens=_new_tokens("generate"), temperature=f.temperature, repeats=f.repeats,
       warmup=_warmup("generate"), weights=f.sample_weights,
       unroll={"auto": None, "scan": False, "unrolled": True}[f.decode_layers],
-      gemm=f.decode_gemm),
+      gemm=f.decode_gemm, profile_dir=f.profile),
       config.model.dtype)
   print(format_generate(result))
   print(format_mfu(result))

@@ -14,7 +14,8 @@
 #    each with bfloat16 and int8 sampling weights, and the scanned step;
 # 3. `scripts.gemm_check`: each 1B decode product alone, cuBLAS / XLA's Triton GEMMs against
 #    the Pallas kernel in several tilings (which one to make the default);
-# 4. one line per generate run: decode step time and memory-bandwidth utilisation;
+# 4. one line per generate run: decode step time and memory-bandwidth utilisation, and for
+#    the first two the kernels of one traced call by GPU time (scripts/trace_summary.py);
 # 5. with CLM=1, `benchmark clm` on the 1B model (bfloat16, 16 x 2048 tokens, full remat)
 #    with the Pallas attention kernel and with cuDNN's: tokens/s and MFU against the chip's
 #    peak and the matmul rate measured beside it.
@@ -57,8 +58,14 @@ gemm() {  # weights, variants
   sed -n '/^decode step/,/^{/p' "$out/gemm_$1.log" | grep -v '^{'
 }
 # Most telling first: a run cut short by the device's time still leaves these.
-bench default
-bench pallas --decode_gemm pallas
+profile() {  # name: where that run's traced call spent the GPU's time
+  timeout 60 python -m scripts.trace_summary "$out/trace_$1" --top 12 --families \
+    > "$out/trace_$1.txt" 2>&1; grep -v '^{' "$out/trace_$1.txt" | head -14
+}
+bench default --profile "$out/trace_default"
+profile default
+bench pallas --decode_gemm pallas --profile "$out/trace_pallas"
+profile pallas
 gemm compute plan,no_split,n16_no_split,n128,k128,warps8
 bench int8 --sample_weights int8
 bench int8_pallas --sample_weights int8 --decode_gemm pallas

@@ -130,7 +130,7 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                        repeats: int = 3, warmup: int = 1, seed: int = 0,
                        weights: str = "compute", unroll: bool | None = None,
-                       gemm: str = "xla") -> dict[str, Any]:
+                       gemm: str = "xla", profile_dir: str = "") -> dict[str, Any]:
   """Times generation with the model, mesh and rules of `config` (a configs/pretrain.py config).
 
   Args:
@@ -146,6 +146,8 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
     unroll: the decode steps' layers unrolled (True), scanned (False) or as the sampler
       picks for the platform (None; models/sampler.py `make_sampler`).
     gemm: the decode steps' products, "xla" or "pallas" (models/decode_gemm.py, GPU).
+    profile_dir: after the timed calls, trace one more under `jax.profiler.trace` into this
+      folder (a Perfetto trace; scripts/trace_summary.py reads it); '' = none.
 
   Returns:
     A flat dict: `new_tokens` (counted in the last call's output: `batch * max_new_tokens`),
@@ -185,6 +187,9 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
     raise RuntimeError(f"{new_tokens} new tokens, not {batch} x {max_new_tokens}: a row "
                        "stopped early, and the benchmark needs every row to run to the end")
   prefill_s = statistics.median(_time_calls(prefill, args, repeats, warmup)[0])
+  if profile_dir:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      jax.block_until_ready(sampler(*args))
   call_s = statistics.median(times)
   flops = generation_flops(config.model, batch, prompt_len, max_new_tokens)
   # The cache the sampler allocates: the prompt plus every new token but the last.
@@ -197,7 +202,8 @@ def benchmark_generate(config: ml_collections.ConfigDict, *, batch: int = 16,
       params=count_params(spec.shapes), batch=batch, prompt_len=prompt_len,
       max_new_tokens=max_new_tokens, new_tokens=new_tokens, temperature=temperature,
       top_k=top_k, top_p=top_p, dtype=config.model.dtype, attention=config.model.attention,
-      weights=weights, gemm=gemm, decode_layers=("unrolled" if unrolls_decode(mesh, unroll) else "scan"),
+      weights=weights, gemm=gemm, profile_dir=profile_dir,
+      decode_layers=("unrolled" if unrolls_decode(mesh, unroll) else "scan"),
       repeats=repeats, warmup=warmup, call_s_median=call_s,
       call_s_mean=statistics.fmean(times), call_s_min=min(times),
       call_cpu_s_median=statistics.median(cpu_times),

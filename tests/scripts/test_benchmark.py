@@ -56,9 +56,14 @@ def test_clm_on_a_tiny_model():
   assert "tokens/s" in clm_bench.format_clm(result)
 
 
-def test_generate_counts_every_new_token():
+def test_generate_counts_every_new_token(tmp_path):
   result = benchmark_generate(tiny_config(), batch=8, prompt_len=8, max_new_tokens=4,
-                              repeats=2, warmup=0)
+                              repeats=2, warmup=0, profile_dir=str(tmp_path / "trace"))
+  # --profile: one more call traced, in a trace scripts/trace_summary.py reads (a CPU has
+  # host events only).
+  from scripts import trace_summary
+  events = trace_summary.load_events(trace_summary.find_trace(str(tmp_path / "trace")))
+  assert trace_summary.summarize(events, device="/host:CPU")["launches"] > 0
   assert result["devices"] == 8 and result["batch"] == 8
   # No early stop: exactly prompts x new tokens, every call.
   assert result["new_tokens"] == 8 * 4
