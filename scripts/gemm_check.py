@@ -44,6 +44,10 @@ VARIANTS = {
     "no_split": dict(splits=1),
     "n32": dict(block_n=32),
     "n16_no_split": dict(block_n=16, splits=1),
+    # No split sums to launch, deeper loads instead: 16 or 32 columns of 256 rows of K a
+    # step, 4 stages in flight.
+    "n16_k256": dict(block_n=16, block_k=256, splits=1, stages=4),
+    "n32_k256": dict(block_n=32, block_k=256, splits=1, stages=4),
     "n128": dict(block_n=128),
     "k128": dict(block_k=128),
     "warps8": dict(warps=8),

@@ -66,7 +66,7 @@ bench default --profile "$out/trace_default"
 profile default
 bench pallas --decode_gemm pallas --profile "$out/trace_pallas"
 profile pallas
-gemm compute plan,no_split,n16_no_split,n128,k128,warps8
+gemm compute plan,no_split,n16_k256,n32_k256,n128,warps8
 bench int8 --sample_weights int8
 bench int8_pallas --sample_weights int8 --decode_gemm pallas
 gemm int8 plan,no_split,warps8
